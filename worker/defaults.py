@@ -1,0 +1,59 @@
+"""Every default of paypoll in one place, each with the reason for its value.
+
+Settings, the client, the limiter, the actors and the sandbox take these as keyword defaults;
+nothing else hard-codes a number that an operator might want to change.
+"""
+
+from __future__ import annotations
+
+# --- connections -------------------------------------------------------------------------------
+REDIS_URL = "redis://localhost:6379/0"  # the conventional local Redis
+API_URL = "https://public-api.alternativepayments.io"  # production base URL (api-contract.md)
+DEMO_API_URL = "https://public-api.demo.alternativepayments.io"  # provider's demo environment
+PAYMENTS_PATH = "/payments/request"  # OpenAPI spelling; the FAQ writes /payment/request
+KEY_PREFIX = "paypoll"  # every Redis key starts with this, so deployments can share a server
+NAMESPACE = "paypoll"  # dramatiq's Redis namespace for queues
+
+# --- HTTP --------------------------------------------------------------------------------------
+CONNECT_TIMEOUT = 3.05  # seconds; slightly above a TCP retransmit window, as requests advises
+READ_TIMEOUT = 10.0  # seconds; a create that has not answered by then is treated as ambiguous
+TOKEN_RENEW_BEFORE = 60.0  # seconds before expires_in runs out that a token is renewed
+TOKEN_LOCK_TTL = 15.0  # seconds a process may hold the token-renewal lock before others take over
+
+# --- rate limit --------------------------------------------------------------------------------
+RATE = 5.0  # requests per second per API key (api-contract.md)
+RATE_MARGIN = 0.005  # seconds added to each slot interval to absorb jitter (measured, see docs)
+MAX_WAIT = 1.0  # seconds a caller sleeps for a slot; a later slot reschedules the job instead
+PENALTY_DEFAULT = 1.0  # seconds a key pauses after a 429 without Retry-After
+PENALTY_MAX = 60.0  # a Retry-After larger than this is capped (a broken header must not stall us)
+
+# --- tracking schedule -------------------------------------------------------------------------
+POLL_FIRST_DELAY = 2.0  # seconds after create before the first poll: payers need time to pay
+POLL_FACTOR = 1.6  # growth of the delay between polls
+POLL_MAX_DELAY = 60.0  # no payment waits longer than this between polls
+TRACKING_TIMEOUT = 86_400.0  # seconds after create after which tracking stops (tracking_timeout)
+
+# --- create retries ----------------------------------------------------------------------------
+CREATE_MAX_ATTEMPTS = 8  # safe-to-retry failures of a create before it is marked failed
+RETRY_BASE_DELAY = 0.5  # seconds; first backoff after a safe failure
+RETRY_MAX_DELAY = 30.0  # seconds; backoff cap for safe failures
+RETRY_AMBIGUOUS_CREATE = (
+    False  # re-post a create whose answer was lost (only if you know it is safe)
+)
+
+# --- durability --------------------------------------------------------------------------------
+SWEEP_INTERVAL = 1.0  # seconds between two passes of the dispatcher/sweeper
+SWEEP_GRACE = 30.0  # seconds a dispatched step may take before it is dispatched again
+SWEEP_BATCH = 500  # due steps dispatched per pass and account
+EVENTS_MAXLEN = 100_000  # approximate length cap of the events stream
+
+# --- observability -----------------------------------------------------------------------------
+METRICS_HOST = "127.0.0.1"  # loopback unless told otherwise: metrics are not public by default
+METRICS_PORT = 9191  # the port dramatiq's own exporter uses, so existing scrape configs still work
+LOG_FORMAT = "auto"  # json when stderr is not a TTY, console otherwise
+LOG_LEVEL = "INFO"
+
+# --- submit validation -------------------------------------------------------------------------
+CURRENCIES = ("USD",)  # the only value the API documents
+REFERENCE_ID_MAX = 128  # characters; the API documents none, so we keep ids short and safe
+ACCOUNT_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"  # aliases appear in keys, labels and logs

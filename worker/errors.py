@@ -1,0 +1,154 @@
+"""The exception tree of paypoll: one root, and the cases a caller must tell apart.
+
+Every error carries what an operator needs (account alias, HTTP status, the API's code and
+message, ``retry_after``, whether a retry is safe) and never a secret or a token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class PaypollError(Exception):
+    """Root of every error paypoll raises on purpose."""
+
+
+class ConfigError(PaypollError):
+    """Settings are missing or malformed; the message names the variable or file and line."""
+
+
+class ValidationError(PaypollError):
+    """A payment was refused before anything was enqueued.
+
+    ``field`` names the offending input, ``reason`` says what was expected.
+    """
+
+    def __init__(self, field: str, reason: str, *, line: int | None = None) -> None:
+        self.field = field
+        self.reason = reason
+        self.line = line
+        where = f"line {line}: " if line is not None else ""
+        super().__init__(f"{where}{field}: {reason}")
+
+
+class UnknownAccount(ValidationError):
+    """The account alias is not configured."""
+
+    def __init__(self, account: str) -> None:
+        super().__init__("account", f"unknown account {account!r}")
+
+
+class ApiError(PaypollError):
+    """Any failure of a call to the Alternative Payments API.
+
+    ``retry_safe`` is True when repeating the call cannot cause a second effect.
+    """
+
+    retry_safe: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        account: str,
+        endpoint: str = "",
+        status: int | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.message = message
+        self.account = account
+        self.endpoint = endpoint
+        self.status = status
+        self.code = code
+        self.retry_after = retry_after
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        parts = [f"account={self.account}"]
+        if self.endpoint:
+            parts.append(f"endpoint={self.endpoint}")
+        if self.status is not None:
+            parts.append(f"status={self.status}")
+        if self.code:
+            parts.append(f"code={self.code}")
+        if self.retry_after is not None:
+            parts.append(f"retry_after={self.retry_after:g}")
+        return f"{self.message} ({', '.join(parts)})"
+
+    @property
+    def outcome(self) -> str:
+        """A short label for metrics and logs: the status code, or the error class name."""
+        return str(self.status) if self.status is not None else type(self).__name__
+
+
+class RejectedInput(ApiError):
+    """400/422: the API refused the request's content. Never retried."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        validation_errors: Mapping[str, str] | None = None,
+        **kwargs: object,
+    ) -> None:
+        self.validation_errors = dict(validation_errors or {})
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+
+
+class NotFound(ApiError):
+    """404: the payment request does not exist for this account."""
+
+
+class CredentialsRefused(ApiError):
+    """403 on the token call: the account's client_id/client_secret are wrong. Stops the account."""
+
+
+class Unauthorized(ApiError):
+    """401 that persisted after renewing the token once."""
+
+
+class RateLimited(ApiError):
+    """429. ``retry_after`` holds the server's Retry-After in seconds when it sent one."""
+
+    retry_safe = True
+
+
+class ServerError(ApiError):
+    """5xx answered by the server: the request was not processed, so retrying is safe."""
+
+    retry_safe = True
+
+
+class MalformedResponse(ApiError):
+    """A 2xx whose body is not what the contract promises (not JSON, missing id or status)."""
+
+
+class TransportError(ApiError):
+    """No HTTP answer was received."""
+
+
+class NotSent(TransportError):
+    """The request never reached the server (connection refused, DNS, connect timeout)."""
+
+    retry_safe = True
+
+
+class Ambiguous(TransportError):
+    """The request was sent but no answer came back (read timeout, dropped connection).
+
+    Whether it took effect is unknown: a create that ends like this is not re-posted blindly.
+    """
+
+
+class SlotTooFar(PaypollError):
+    """The limiter's next free slot for an account is further than the caller may wait.
+
+    Nothing was booked; ``retry_in`` seconds from now is when to try again (an actor reschedules
+    its job for then instead of holding a worker thread).
+    """
+
+    def __init__(self, account: str, retry_in: float) -> None:
+        self.account = account
+        self.retry_in = retry_in
+        super().__init__(f"next slot for account={account} is {retry_in:.3f}s away")

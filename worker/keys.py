@@ -1,0 +1,64 @@
+"""Every Redis key name paypoll uses, built in one place.
+
+Per-account keys carry the account in a hash tag (``{acme}``) so that a script touching one
+account's keys would run on Redis Cluster. The prefix lets deployments share one Redis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from worker import defaults
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under ``prefix``."""
+
+    prefix: str = defaults.KEY_PREFIX
+
+    def _acct(self, account: str) -> str:
+        return f"{self.prefix}:{{{account}}}"
+
+    # --- limiter ---
+    def limiter(self, account: str) -> str:
+        """The account's limiter state (theoretical arrival time, penalty)."""
+        return f"{self._acct(account)}:rl"
+
+    # --- token cache ---
+    def token(self, account: str) -> str:
+        """The cached access token of an account (a string with a TTL)."""
+        return f"{self._acct(account)}:token"
+
+    def token_lock(self, account: str) -> str:
+        """Held by the one process renewing an account's token."""
+        return f"{self._acct(account)}:token:lock"
+
+    # --- payment records ---
+    def payment(self, account: str, reference_id: str) -> str:
+        """A payment record (hash), keyed by (account, reference_id)."""
+        return f"{self._acct(account)}:pay:{reference_id}"
+
+    def by_state(self, account: str, state: str) -> str:
+        """Set of reference_ids of an account currently in ``state``."""
+        return f"{self._acct(account)}:state:{state}"
+
+    def due(self, account: str) -> str:
+        """Sorted set: reference_id -> time (Redis clock, seconds) its next step is due."""
+        return f"{self._acct(account)}:due"
+
+    def accounts(self) -> str:
+        """Set of account aliases that have ever had a payment (for listing and sweeping)."""
+        return f"{self.prefix}:accounts"
+
+    def events(self) -> str:
+        """Capped stream of payment state transitions for users to consume."""
+        return f"{self.prefix}:events"
+
+    def sweeper_lock(self) -> str:
+        """Held by the one process running a sweep pass."""
+        return f"{self.prefix}:sweeper:lock"
+
+    def heartbeat(self) -> str:
+        """Sorted set: worker process id -> last heartbeat time."""
+        return f"{self.prefix}:workers"

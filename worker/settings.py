@@ -1,0 +1,358 @@
+"""One typed Settings object, built once at the entry point.
+
+Sources, later winning: defaults (worker/defaults.py), an optional accounts file
+(``PAYPOLL_ACCOUNTS_FILE``, TOML), then environment variables prefixed ``PAYPOLL_``.
+A missing or malformed value raises :class:`~worker.errors.ConfigError` with one line naming the
+variable (or the file and line) and what is expected. Secrets are wrapped in :class:`Secret`,
+whose repr and str never show the value.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from worker import defaults
+from worker.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Secret:
+    """A string that never shows itself: ``repr``/``str`` print a mask, ``reveal()`` the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret itself; only for building the Authorization header."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Picklable so settings can travel to worker processes; the value stays out of reprs.
+        return (Secret, (self._value,))
+
+
+@dataclass(frozen=True)
+class Account:
+    """One API key: an alias (used in keys, logs and metrics) and its credentials."""
+
+    name: str
+    client_id: str
+    client_secret: Secret = field(repr=False)
+    rate: float = defaults.RATE
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("expected true/false")
+
+
+def _number(raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"expected a number, got {raw!r}") from None
+
+
+def _whole(raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {raw!r}") from None
+
+
+def _parse_positive_float(raw: str) -> float:
+    value = _number(raw)
+    if not value > 0:
+        raise ValueError("expected a number > 0")
+    return value
+
+
+def _parse_non_negative_float(raw: str) -> float:
+    value = _number(raw)
+    if value < 0:
+        raise ValueError("expected a number >= 0")
+    return value
+
+
+def _parse_positive_int(raw: str) -> int:
+    value = _whole(raw)
+    if value <= 0:
+        raise ValueError("expected a whole number > 0")
+    return value
+
+
+def _parse_port(raw: str) -> int:
+    value = _whole(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError("expected a port number 0-65535")
+    return value
+
+
+def _parse_redis_url(raw: str) -> str:
+    if urlsplit(raw).scheme not in {"redis", "rediss", "unix"}:
+        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    return raw
+
+
+def _parse_http_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        raise ValueError("expected an absolute http:// or https:// URL")
+    return raw.rstrip("/")
+
+
+def _parse_path(raw: str) -> str:
+    if not raw.startswith("/"):
+        raise ValueError("expected a path starting with /")
+    return raw.rstrip("/")
+
+
+def _parse_log_format(raw: str) -> str:
+    if raw not in {"auto", "json", "console"}:
+        raise ValueError("expected auto, json or console")
+    return raw
+
+
+def _parse_str(raw: str) -> str:
+    if not raw:
+        raise ValueError("expected a non-empty value")
+    return raw
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a paypoll process needs to know, read once and passed down.
+
+    Each field maps to ``PAYPOLL_<FIELD NAME IN UPPER CASE>``; ``ENV_HELP`` documents each one.
+    """
+
+    redis_url: str = defaults.REDIS_URL
+    api_url: str = defaults.API_URL
+    payments_path: str = defaults.PAYMENTS_PATH
+    key_prefix: str = defaults.KEY_PREFIX
+    namespace: str = defaults.NAMESPACE
+    accounts: Mapping[str, Account] = field(default_factory=dict)
+    connect_timeout: float = defaults.CONNECT_TIMEOUT
+    read_timeout: float = defaults.READ_TIMEOUT
+    token_renew_before: float = defaults.TOKEN_RENEW_BEFORE
+    rate_margin: float = defaults.RATE_MARGIN
+    max_wait: float = defaults.MAX_WAIT
+    penalty_default: float = defaults.PENALTY_DEFAULT
+    poll_first_delay: float = defaults.POLL_FIRST_DELAY
+    poll_factor: float = defaults.POLL_FACTOR
+    poll_max_delay: float = defaults.POLL_MAX_DELAY
+    tracking_timeout: float = defaults.TRACKING_TIMEOUT
+    create_max_attempts: int = defaults.CREATE_MAX_ATTEMPTS
+    retry_base_delay: float = defaults.RETRY_BASE_DELAY
+    retry_max_delay: float = defaults.RETRY_MAX_DELAY
+    retry_ambiguous_create: bool = defaults.RETRY_AMBIGUOUS_CREATE
+    sweep_interval: float = defaults.SWEEP_INTERVAL
+    sweep_grace: float = defaults.SWEEP_GRACE
+    events_maxlen: int = defaults.EVENTS_MAXLEN
+    callback_actor: str = ""
+    metrics_host: str = defaults.METRICS_HOST
+    metrics_port: int = defaults.METRICS_PORT
+    log_format: str = defaults.LOG_FORMAT
+    log_level: str = defaults.LOG_LEVEL
+
+    def account(self, name: str) -> Account:
+        """The configured account ``name``; raises UnknownAccount when there is none."""
+        from worker.errors import UnknownAccount
+
+        try:
+            return self.accounts[name]
+        except KeyError:
+            raise UnknownAccount(name) from None
+
+    def with_accounts(self, *accounts: Account) -> Settings:
+        """A copy with ``accounts`` added (tests, the demo)."""
+        merged = dict(self.accounts)
+        merged.update({a.name: a for a in accounts})
+        return replace(self, accounts=merged)
+
+
+# name -> (parser, help). The README's configuration reference is written from this table.
+ENV_HELP: dict[str, tuple[Callable[[str], Any], str]] = {
+    "redis_url": (
+        _parse_redis_url,
+        "Redis for broker, limiter and records (rediss:// and passwords work)",
+    ),
+    "api_url": (_parse_http_url, "Base URL of the Alternative Payments API (or the sandbox)"),
+    "payments_path": (_parse_path, "Path of payment requests; the FAQ spells it /payment/request"),
+    "key_prefix": (_parse_str, "Prefix of every Redis key paypoll writes"),
+    "namespace": (_parse_str, "dramatiq's queue namespace in Redis"),
+    "connect_timeout": (_parse_positive_float, "Seconds to establish a connection to the API"),
+    "read_timeout": (_parse_positive_float, "Seconds to wait for the API's answer; then ambiguous"),
+    "token_renew_before": (
+        _parse_non_negative_float,
+        "Renew a token this many seconds before it expires",
+    ),
+    "rate_margin": (
+        _parse_non_negative_float,
+        "Seconds added to each slot interval against jitter",
+    ),
+    "max_wait": (
+        _parse_non_negative_float,
+        "Longest sleep for a rate-limit slot; later slots reschedule",
+    ),
+    "penalty_default": (_parse_positive_float, "Pause of a key after a 429 without Retry-After"),
+    "poll_first_delay": (_parse_positive_float, "Seconds from create to the first poll"),
+    "poll_factor": (_parse_positive_float, "Growth factor of the delay between polls"),
+    "poll_max_delay": (_parse_positive_float, "Longest delay between two polls"),
+    "tracking_timeout": (_parse_positive_float, "Seconds after create when tracking gives up"),
+    "create_max_attempts": (_parse_positive_int, "Attempts of a create on safe-to-retry failures"),
+    "retry_base_delay": (_parse_positive_float, "First backoff (s) after a safe-to-retry failure"),
+    "retry_max_delay": (_parse_positive_float, "Longest backoff (s) after safe-to-retry failures"),
+    "retry_ambiguous_create": (_parse_bool, "Re-post creates whose answer was lost (default: no)"),
+    "sweep_interval": (_parse_positive_float, "Seconds between dispatcher/sweeper passes"),
+    "sweep_grace": (_parse_positive_float, "Seconds a dispatched step may take before re-dispatch"),
+    "events_maxlen": (_parse_positive_int, "Approximate cap of the events stream"),
+    "callback_actor": (str, "dramatiq actor sent each terminal transition (empty: none)"),
+    "metrics_host": (_parse_str, "Address the metrics endpoint binds"),
+    "metrics_port": (_parse_port, "Port of the metrics endpoint"),
+    "log_format": (_parse_log_format, "auto, json or console"),
+    "log_level": (_parse_str, "DEBUG, INFO, WARNING or ERROR"),
+}
+
+_ACCOUNT_NAME = re.compile(defaults.ACCOUNT_NAME_PATTERN)
+ENV_PREFIX = "PAYPOLL_"
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable that sets ``field_name``."""
+    return ENV_PREFIX + field_name.upper()
+
+
+def _check_rate(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"{where}: rate must be a number of requests per second > 0")
+    return float(value)
+
+
+def _check_name(name: str, where: str) -> str:
+    if not _ACCOUNT_NAME.match(name):
+        raise ConfigError(
+            f"{where}: account name {name!r} must match {defaults.ACCOUNT_NAME_PATTERN}"
+        )
+    return name
+
+
+def _line_of(text: str, needle: str) -> int | None:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip().replace(" ", "") == needle:
+            return number
+    return None
+
+
+def load_accounts_file(path: str | Path) -> dict[str, Account]:
+    """Accounts from a TOML file of ``[accounts.NAME]`` tables (see config/accounts.example.toml).
+
+    Refuses a file that others can read (it holds secrets) and names the file and line of any
+    mistake.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ConfigError(
+            f"{env_name('accounts_file')}={path}: cannot read the accounts file ({exc.strerror})"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the accounts file is not UTF-8 text") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"{path}: the accounts file holds secrets and is readable by others; "
+            f"run: chmod 600 {path}"
+        )
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    tables = data.get("accounts")
+    if not isinstance(tables, dict) or not tables:
+        raise ConfigError(f"{path}: expected at least one [accounts.NAME] table")
+    accounts: dict[str, Account] = {}
+    for name, table in tables.items():
+        line = _line_of(text, f"[accounts.{name}]")
+        where = f"{path}:{line}" if line else str(path)
+        _check_name(name, where)
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: [accounts.{name}] must be a table")
+        unknown = set(table) - {"client_id", "client_secret", "rate"}
+        if unknown:
+            raise ConfigError(f"{where}: [accounts.{name}] has unknown keys {sorted(unknown)}")
+        for key in ("client_id", "client_secret"):
+            if not isinstance(table.get(key), str) or not table[key]:
+                raise ConfigError(f"{where}: [accounts.{name}] needs {key} as a non-empty string")
+        rate = _check_rate(table.get("rate", defaults.RATE), f"{where}: [accounts.{name}]")
+        accounts[name] = Account(name, table["client_id"], Secret(table["client_secret"]), rate)
+    return accounts
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from ``environ`` (default: ``os.environ``) and the accounts file it names."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        if f.name == "accounts":
+            continue
+        name = env_name(f.name)
+        raw = env.get(name)
+        if raw is None or (raw == "" and f.name != "callback_actor"):
+            continue
+        parser, _ = ENV_HELP[f.name]
+        try:
+            values[f.name] = parser(raw.strip())
+        except ValueError as exc:
+            reason = str(exc) if "expected" in str(exc) else f"expected {f.type}"
+            raise ConfigError(f"{name}: {reason}") from None
+
+    accounts: dict[str, Account] = {}
+    accounts_file = env.get(env_name("accounts_file"))
+    if accounts_file:
+        accounts.update(load_accounts_file(accounts_file))
+    client_id = env.get(env_name("client_id"))
+    client_secret = env.get(env_name("client_secret"))
+    if client_id or client_secret:
+        if not client_id:
+            raise ConfigError(
+                f"{env_name('client_id')}: required when PAYPOLL_CLIENT_SECRET is set"
+            )
+        if not client_secret:
+            raise ConfigError(
+                f"{env_name('client_secret')}: required when PAYPOLL_CLIENT_ID is set"
+            )
+        rate_raw = env.get(env_name("rate"))
+        try:
+            rate = _parse_positive_float(rate_raw) if rate_raw else defaults.RATE
+        except ValueError:
+            raise ConfigError(f"{env_name('rate')}: expected a number > 0") from None
+        accounts["default"] = Account("default", client_id, Secret(client_secret), rate)
+    return Settings(accounts=accounts, **values)
