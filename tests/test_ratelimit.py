@@ -1,0 +1,205 @@
+"""The rate limiter against a real Redis: spacing, far answers, penalties, cap, script reloads."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+
+import pytest
+import redis
+
+from tests.redis_server import running_redis
+from worker.errors import SlotTooFar
+from worker.keys import Keys
+from worker.ratelimit import RateLimiter, Reservation
+
+RATE = 5.0
+MARGIN = 0.005
+INTERVAL = 1 / RATE + MARGIN  # 0.205 s
+
+
+def max_in_window(times: list[float], window: float = 1.0) -> int:
+    """The largest number of ``times`` in any half-open interval [t, t + window)."""
+    times = sorted(times)
+    best, lo = 0, 0
+    for hi, t in enumerate(times):
+        while t - times[lo] >= window:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+@pytest.fixture
+def limiter(redis_client: redis.Redis, keys: Keys) -> RateLimiter:
+    return RateLimiter(redis=redis_client, keys=keys, margin=MARGIN, max_wait=1.0)
+
+
+def stored_slot(client: redis.Redis, keys: Keys, account: str) -> bytes | None:
+    value: bytes | None = client.get(keys.limiter(account))
+    return value
+
+
+def test_slots_are_evenly_spaced_on_the_redis_clock(limiter: RateLimiter) -> None:
+    bookings = [limiter.reserve("acme", RATE, max_wait=100.0) for _ in range(12)]
+    assert all(b.granted for b in bookings)
+    assert bookings[0].wait == 0.0  # an idle key is free now
+    gaps = [b.slot - a.slot for a, b in itertools.pairwise(bookings)]
+    assert gaps == pytest.approx([INTERVAL] * 11, abs=2e-6)
+    # Each answer's wait is its slot measured on the same (Redis) clock.
+    for b in bookings:
+        assert b.wait == pytest.approx(b.slot - b.now, abs=1e-6)
+    assert max_in_window([b.slot for b in bookings]) == RATE
+
+
+def test_fractional_rate_is_rounded_down_to_whole_calls(limiter: RateLimiter) -> None:
+    assert limiter.interval(7.5) == pytest.approx(1 / 7 + MARGIN)
+    assert limiter.interval(0.5) == pytest.approx(2 + MARGIN)
+    slots = [limiter.reserve("frac", 7.5, max_wait=100.0).slot for _ in range(30)]
+    assert max_in_window(slots) == 7
+    with pytest.raises(ValueError, match="rate"):
+        limiter.interval(0)
+
+
+def test_a_far_answer_books_nothing(
+    limiter: RateLimiter, redis_client: redis.Redis, keys: Keys
+) -> None:
+    granted = [limiter.reserve("acme", RATE, max_wait=1.0) for _ in range(5)]
+    assert all(b.granted for b in granted)  # slots at 0, .205, .41, .615, .82
+    before = stored_slot(redis_client, keys, "acme")
+    far = [limiter.reserve("acme", RATE, max_wait=1.0) for _ in range(20)]
+    assert not any(b.granted for b in far)
+    assert stored_slot(redis_client, keys, "acme") == before
+    # Every far answer named the same slot, the one still free.
+    assert len({b.slot for b in far}) == 1
+    assert far[0].slot - granted[-1].slot == pytest.approx(INTERVAL, abs=2e-6)
+    after = limiter.reserve("acme", RATE, max_wait=10.0)
+    assert after.granted
+    assert after.slot == far[0].slot
+
+
+def test_acquire_raises_slot_too_far_with_when_to_retry(limiter: RateLimiter) -> None:
+    for _ in range(5):
+        assert limiter.reserve("acme", RATE, max_wait=1.0).granted
+    started = time.monotonic()
+    with pytest.raises(SlotTooFar) as info:
+        limiter.acquire("acme", RATE, max_wait=0.5)
+    assert time.monotonic() - started < 0.1  # told at once, did not sleep
+    assert info.value.account == "acme"
+    # The free slot is at 5 * 0.205 s; it is within 0.5 s after about 1.025 - 0.5 s.
+    assert info.value.retry_in == pytest.approx(5 * INTERVAL - 0.5, abs=0.05)
+
+
+def test_acquire_sleeps_until_the_slot(limiter: RateLimiter) -> None:
+    started = time.monotonic()
+    waits = [limiter.acquire("acme", RATE) for _ in range(4)]
+    elapsed = time.monotonic() - started
+    assert waits[0] < 0.05
+    assert elapsed == pytest.approx(3 * INTERVAL, abs=0.03)
+    for w in waits[1:]:
+        assert w == pytest.approx(INTERVAL, abs=0.03)
+
+
+def test_acquire_uses_the_injected_sleep(redis_client: redis.Redis, keys: Keys) -> None:
+    slept: list[float] = []
+    lim = RateLimiter(redis=redis_client, keys=keys, margin=MARGIN, sleep=slept.append)
+    lim.acquire("acme", RATE)
+    lim.acquire("acme", RATE)
+    assert len(slept) == 1  # the first call was free now: no sleep at all
+    assert slept[0] == pytest.approx(INTERVAL, abs=0.01)
+
+
+def test_booking_ahead_is_capped_by_max_wait(
+    limiter: RateLimiter, redis_client: redis.Redis, keys: Keys
+) -> None:
+    results = [limiter.reserve("acme", RATE, max_wait=1.0) for _ in range(50)]
+    # Slots 0 .. 0.82 s fit in 1 s; 1.025 s does not: six hundred callers could not book more.
+    assert sum(b.granted for b in results) == 5
+    ttl_ms = redis_client.pttl(keys.limiter("acme"))
+    # The state expires once its slot is past: a dead caller's bookings leave nothing behind.
+    assert 0 < ttl_ms <= 5 * INTERVAL * 1000 + 2
+
+
+def test_penalty_is_seen_by_another_client(
+    redis_url: str, redis_client: redis.Redis, keys: Keys
+) -> None:
+    first = RateLimiter(redis=redis_client, keys=keys, margin=MARGIN)
+    other_client = redis.Redis.from_url(redis_url)
+    try:
+        other = RateLimiter(redis=other_client, keys=keys, margin=MARGIN)
+        assert first.penalize("acme", 2.5) == 2.5
+        seen: Reservation = other.reserve("acme", RATE, max_wait=1.0)
+        assert not seen.granted
+        assert seen.wait == pytest.approx(2.5, abs=0.05)
+        with pytest.raises(SlotTooFar) as info:
+            other.acquire("acme", RATE)
+        assert info.value.retry_in == pytest.approx(1.5, abs=0.05)
+        # Other keys are not paused.
+        assert other.reserve("other", RATE, max_wait=0.0).wait == 0.0
+    finally:
+        other_client.close()
+
+
+def test_penalty_default_cap_and_no_shortening(limiter: RateLimiter) -> None:
+    assert limiter.penalize("a", None) == 1.0  # defaults.PENALTY_DEFAULT
+    assert limiter.reserve("a", RATE, max_wait=0).wait == pytest.approx(1.0, abs=0.05)
+    assert limiter.penalize("b", 10_000.0) == 60.0  # defaults.PENALTY_MAX
+    assert limiter.penalize("b", float("nan")) == 60.0
+    assert limiter.penalize("b", -3) == 0.0
+    # A shorter penalty never brings a later slot closer.
+    assert limiter.reserve("b", RATE, max_wait=0).wait == pytest.approx(60.0, abs=0.05)
+
+
+def test_many_threads_never_share_a_window(limiter: RateLimiter) -> None:
+    slots: list[float] = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        for _ in range(40):
+            b = limiter.reserve("acme", 20.0, max_wait=100.0)
+            with lock:
+                slots.append(b.slot)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(slots)) == 320  # no slot handed out twice
+    # 1 / (1/20 + 5 ms) = 18.2 slots a second: 19 fit in a half-open window, never 21.
+    assert max_in_window(slots) == 19
+
+
+def test_script_survives_script_flush_and_redis_restart() -> None:
+    with running_redis() as server:
+        client = redis.Redis.from_url(server.url)
+        lim = RateLimiter(redis=client, keys=Keys("t"), margin=MARGIN)
+        assert lim.reserve("acme", RATE, max_wait=10).granted
+        client.script_flush()
+        after_flush = lim.reserve("acme", RATE, max_wait=10)
+        assert after_flush.granted
+        assert after_flush.wait == pytest.approx(INTERVAL, abs=0.01)  # state kept
+        server.restart()  # no persistence: scripts and state are gone, connection broken
+        after_restart = lim.reserve("acme", RATE, max_wait=10)
+        assert after_restart.granted
+        assert after_restart.wait == 0.0
+        assert lim.reserve("acme", RATE, max_wait=10).wait == pytest.approx(INTERVAL, abs=0.01)
+        client.close()
+
+
+def test_one_redis_command_per_reservation() -> None:
+    with running_redis() as server:
+        client = redis.Redis.from_url(server.url)
+        lim = RateLimiter(redis=client, keys=Keys("t"), margin=MARGIN)
+        lim.reserve("acme", RATE, max_wait=10)  # loads the script (NOSCRIPT, SCRIPT LOAD)
+        client.config_resetstat()
+        for _ in range(50):
+            lim.reserve("acme", RATE, max_wait=1000)
+        for _ in range(10):
+            lim.acquire("free-" + str(_), RATE)
+        stats = client.info("commandstats")
+        client.close()
+    assert stats["cmdstat_evalsha"]["calls"] == 60
+    # Commands run by the script are counted too; the client sent nothing else.
+    sent = {k: v["calls"] for k, v in stats.items() if k not in ("cmdstat_evalsha",)}
+    assert set(sent) <= {"cmdstat_get", "cmdstat_set", "cmdstat_time", "cmdstat_config|resetstat"}

@@ -1,0 +1,162 @@
+"""The global per-API-key rate limiter: one Lua call in Redis per request, evenly spaced slots.
+
+Every process that calls the API for an account asks Redis for that account's next free slot
+(``reserve.lua``). Slots are ``1/rate + margin`` seconds apart on the Redis clock, so no sliding
+1-second window ever holds more than ``rate`` calls, whatever the number of processes or hosts.
+A slot within ``max_wait`` is booked and the caller sleeps until it; a slot further away is only
+reported (nothing booked, no capacity wasted) and the caller reschedules its job instead of
+holding a worker thread. Why evenly spaced rather than GCRA with a burst or a sliding log:
+docs/benchmarks.md, "Rate limiter".
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis
+
+from worker import defaults, metrics
+from worker.errors import SlotTooFar
+from worker.keys import Keys
+
+_MICRO = 1_000_000
+
+
+def _script_text(name: str) -> str:
+    return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """The answer of one ``reserve`` call.
+
+    ``slot`` and ``now`` are seconds on the Redis clock (``TIME``); ``wait = slot - now``.
+    ``granted`` says whether the slot was booked for the caller; when it is False nothing was
+    written and the slot stays free for whoever comes when it is near. ``answered_at`` is the
+    caller's ``time.monotonic()`` when Redis answered, the origin from which to sleep ``wait``.
+    """
+
+    account: str
+    slot: float
+    now: float
+    wait: float
+    granted: bool
+    answered_at: float
+
+
+class RateLimiter:
+    """Shares each API key's rate among every process using one Redis.
+
+    ``margin`` (seconds) is added to each slot interval to absorb the jitter between a slot's
+    time and the moment the API sees the call; ``max_wait`` (seconds) is how long ``acquire``
+    sleeps at most, and thereby how far ahead a key can be booked; ``penalty_default`` is the
+    pause after a 429 without Retry-After, and ``penalty_max`` caps any pause. ``sleep`` is
+    injectable for tests; it receives a duration in seconds.
+    """
+
+    def __init__(
+        self,
+        *,
+        redis: redis.Redis,
+        keys: Keys,
+        margin: float = defaults.RATE_MARGIN,
+        max_wait: float = defaults.MAX_WAIT,
+        penalty_default: float = defaults.PENALTY_DEFAULT,
+        penalty_max: float = defaults.PENALTY_MAX,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if margin < 0 or max_wait < 0 or penalty_default < 0 or penalty_max < 0:
+            raise ValueError("margin, max_wait and penalties must be >= 0 seconds")
+        self.redis = redis
+        self.keys = keys
+        self.margin = margin
+        self.max_wait = max_wait
+        self.penalty_default = penalty_default
+        self.penalty_max = penalty_max
+        self._sleep = sleep
+        # register_script sends nothing now: calls use EVALSHA, and redis-py's Script loads the
+        # text and retries once on NOSCRIPT (after SCRIPT FLUSH or a Redis restart).
+        self._reserve = redis.register_script(_script_text("reserve.lua"))
+        self._penalize = redis.register_script(_script_text("penalize.lua"))
+
+    def interval(self, rate: float) -> float:
+        """Seconds between two slots of a key limited to ``rate`` calls per second.
+
+        A window can only hold a whole number of calls, so a fractional rate above 1 is rounded
+        down (7.5/s spaces calls 1/7 s apart: spacing them 1/7.5 s would let 8 into a window).
+        A rate below 1 means one call every ``1/rate`` seconds.
+        """
+        if not (rate > 0 and math.isfinite(rate)):
+            raise ValueError(f"rate must be a positive number, got {rate!r}")
+        calls = math.floor(rate) if rate >= 1 else rate
+        return 1.0 / calls + self.margin
+
+    def reserve(self, account: str, rate: float, max_wait: float) -> Reservation:
+        """Book ``account``'s next free slot if it is at most ``max_wait`` seconds away.
+
+        One EVALSHA, no sleeping. The returned reservation says when the slot is (Redis clock)
+        and whether it was booked; a slot further than ``max_wait`` is not booked.
+        """
+        if max_wait < 0:
+            raise ValueError(f"max_wait must be >= 0, got {max_wait!r}")
+        # Rounded up: an interval one microsecond too long costs nothing, one too short could
+        # put rate + 1 calls in a window.
+        interval_us = math.ceil(self.interval(rate) * _MICRO)
+        raw: Any = self._reserve(
+            keys=[self.keys.limiter(account)], args=[interval_us, int(max_wait * _MICRO)]
+        )
+        answered_at = time.monotonic()
+        slot_us, now_us, granted = (int(x) for x in raw)
+        return Reservation(
+            account=account,
+            slot=slot_us / _MICRO,
+            now=now_us / _MICRO,
+            wait=(slot_us - now_us) / _MICRO,
+            granted=bool(granted),
+            answered_at=answered_at,
+        )
+
+    def acquire(self, account: str, rate: float, *, max_wait: float | None = None) -> float:
+        """Wait for ``account``'s next slot and return the seconds spent in this call.
+
+        When the slot is at most ``max_wait`` seconds away (default: the limiter's), it is
+        booked and this call sleeps until it: the caller may send its request on return.
+        Otherwise nothing is booked and ``SlotTooFar(account, retry_in)`` is raised, where
+        ``retry_in`` is when the slot will be within ``max_wait``: the job should be
+        rescheduled for then rather than hold a thread.
+        """
+        started = time.monotonic()
+        limit = self.max_wait if max_wait is None else max_wait
+        booking = self.reserve(account, rate, limit)
+        if not booking.granted:
+            metrics.record_far_slot(account)
+            raise SlotTooFar(account, booking.wait - limit)
+        # Measured from Redis's answer: the reply's transit (tens of microseconds on a LAN) is
+        # the only error, and it errs late, the safe side.
+        remaining = booking.answered_at + booking.wait - time.monotonic()
+        if remaining > 0:
+            self._sleep(remaining)
+        waited = time.monotonic() - started
+        metrics.record_limiter_grant(account, waited)
+        return waited
+
+    def penalize(self, account: str, retry_after: float | None) -> float:
+        """After a 429, pause ``account`` for every process; return the pause applied (seconds).
+
+        The key's next free slot becomes at least now + ``retry_after`` (the server's
+        Retry-After, or ``penalty_default`` when it sent none), capped at ``penalty_max`` so that
+        a broken header cannot stall the key. Slots booked before the penalty (at most
+        ``rate * max_wait`` of them, already being slept on) are not revoked.
+        """
+        pause = self.penalty_default if retry_after is None else retry_after
+        if not math.isfinite(pause):
+            pause = self.penalty_max
+        pause = min(max(pause, 0.0), self.penalty_max)
+        self._penalize(keys=[self.keys.limiter(account)], args=[int(pause * _MICRO)])
+        metrics.record_penalty(account)
+        return pause

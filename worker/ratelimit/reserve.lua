@@ -1,0 +1,40 @@
+-- reserve.lua: book the next free slot of one rate-limited API key, or say how far off it is.
+--
+-- Evenly spaced slots: a key's slots are `interval` apart (1/rate + margin), so any N+1
+-- consecutive slots span N*interval > N/rate seconds and no sliding 1-second window can hold
+-- more than `rate` of them. Redis TIME is the only clock; the caller's clock is never read.
+--
+-- KEYS[1]  the key's limiter state: a string holding its next free slot (the "theoretical
+--          arrival time"), integer microseconds on this server's clock. Absent means "free now".
+--          The script sets a TTL that ends when that slot is in the past, where absence and the
+--          stored value mean the same thing.
+-- ARGV[1]  interval between two slots, integer microseconds, > 0
+-- ARGV[2]  max wait, integer microseconds, >= 0: a slot further than this from now is NOT booked
+--
+-- Returns  {slot, now, granted}
+--          slot     the key's next free slot (microseconds, Redis clock)
+--          now      Redis TIME when the script ran (microseconds)
+--          granted  1: the slot is booked for the caller, who may start at `slot`;
+--                   0: the slot is more than max wait away and nothing was written.
+--
+-- Numbers are written with string.format('%.0f'): Lua 5.1's tostring keeps 14 significant
+-- digits, and microsecond timestamps have 16.
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local max_wait = tonumber(ARGV[2])
+
+local slot = tonumber(redis.call('GET', KEYS[1]) or '0')
+if slot < now then
+    slot = now
+end
+
+if slot - now > max_wait then
+    return {slot, now, 0}
+end
+
+local next_free = slot + interval
+local ttl_ms = math.floor((next_free - now) / 1000) + 1
+redis.call('SET', KEYS[1], string.format('%.0f', next_free), 'PX', string.format('%.0f', ttl_ms))
+return {slot, now, 1}
