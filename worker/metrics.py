@@ -1,19 +1,34 @@
 """Prometheus metrics of paypoll, and the functions the rest of the code records them with.
 
 Every name has the ``paypoll_`` prefix, base units and ``_total`` on counters; labels are few-valued
-(account alias, endpoint, outcome, state), never an id or a reference. Worker processes run in
-prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set by the fleet before the
-processes start), so the fleet's exporter serves the sum of all of them.
+(account alias, endpoint, outcome, state, actor, reason), never an id or a reference. Worker
+processes run in prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set by the
+fleet before the processes start, see :mod:`worker.exporter`), so the fleet's exporter serves the
+sum of all of them. Gauges that describe shared state (backlog, queue depth, workers alive) are not
+here: they are read from Redis at scrape time by :mod:`worker.collectors`.
+
+This module only defines metrics and records into them; it opens nothing and reads no environment
+variable itself (prometheus-client reads ``PROMETHEUS_MULTIPROC_DIR`` when first imported).
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import Counter, Gauge, Histogram
 
 # Buckets for HTTP latency against a 5 req/s API: from sub-millisecond (sandbox) to timeouts.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # Limiter waits are bounded by max_wait (default 1 s).
 WAIT_BUCKETS = (0.0, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 2.0, 5.0)
+# Submit to terminal: seconds (sandbox, instant payers) up to the default 24 h tracking timeout.
+TERMINAL_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 43200, 86400)
+# Polls per payment: backoff of x1.6 capped at 60 s makes ~1,450 polls in 24 h at most.
+POLL_COUNT_BUCKETS = (0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 377, 987, 2584)
+# One job is one API call plus Redis work, or a limiter wait of up to max_wait.
+JOB_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 API_CALL_SECONDS = Histogram(
     "paypoll_api_call_seconds",
@@ -35,9 +50,7 @@ LIMITER_WAIT_SECONDS = Histogram(
     ["account"],
     buckets=WAIT_BUCKETS,
 )
-LIMITER_GRANTED = Counter(
-    "paypoll_limiter_granted_total", "Rate-limit slots granted", ["account"]
-)
+LIMITER_GRANTED = Counter("paypoll_limiter_granted_total", "Rate-limit slots granted", ["account"])
 LIMITER_FAR = Counter(
     "paypoll_limiter_far_slots_total",
     "Slots further than max_wait: the job was rescheduled instead of waiting",
@@ -48,6 +61,54 @@ LIMITER_PENALTIES = Counter(
     "429 penalties applied to a key (the whole fleet pauses)",
     ["account"],
 )
+TOKEN_FAILURES = Counter(
+    "paypoll_token_failures_total",
+    "Failed attempts to obtain an access token, by account and reason (status or error class)",
+    ["account", "reason"],
+)
+TRANSITIONS = Counter(
+    "paypoll_payment_transitions_total",
+    "Payments entering a state, by account and the state entered",
+    ["account", "state"],
+)
+TERMINAL_SECONDS = Histogram(
+    "paypoll_payment_terminal_seconds",
+    "Time from submit to a terminal state, by account and terminal state",
+    ["account", "state"],
+    buckets=TERMINAL_BUCKETS,
+)
+POLLS_AT_TERMINAL = Histogram(
+    "paypoll_payment_polls",
+    "Polls a payment needed before reaching its terminal state",
+    ["account", "state"],
+    buckets=POLL_COUNT_BUCKETS,
+)
+UNKNOWN_STATUSES = Counter(
+    "paypoll_unknown_statuses_total",
+    "Payment statuses the API returned that paypoll does not know (tolerated, kept polling)",
+    ["account"],
+)
+JOBS = Counter(
+    "paypoll_jobs_total",
+    "Actor jobs finished, by actor and outcome (ok, or what ended them)",
+    ["actor", "outcome"],
+)
+JOB_SECONDS = Histogram(
+    "paypoll_job_seconds",
+    "Duration of actor jobs, by actor and outcome",
+    ["actor", "outcome"],
+    buckets=JOB_BUCKETS,
+)
+# livesum: the exporter sums live processes only; a dead process's file is removed by
+# worker.exporter.mark_process_dead, so a crashed job does not stay "in progress" forever.
+JOBS_IN_PROGRESS = Gauge(
+    "paypoll_jobs_in_progress",
+    "Actor jobs running now, summed over live worker processes",
+    ["actor"],
+    multiprocess_mode="livesum",
+)
+
+OUTCOME_OK = "ok"  # the outcome label of a job that returned normally
 
 
 def record_api_call(account: str, endpoint: str, outcome: str, seconds: float) -> None:
@@ -72,3 +133,58 @@ def record_far_slot(account: str) -> None:
 def record_penalty(account: str) -> None:
     """A 429 penalty was applied to ``account``'s key."""
     LIMITER_PENALTIES.labels(account).inc()
+
+
+def record_token_failure(account: str, reason: str) -> None:
+    """Obtaining a token for ``account`` failed; ``reason`` is a status code or error class name.
+
+    Never pass the error's text: it could carry the credentials.
+    """
+    TOKEN_FAILURES.labels(account, reason).inc()
+
+
+def record_transition(account: str, state: str) -> None:
+    """A payment of ``account`` entered ``state`` (any state, terminal or not)."""
+    TRANSITIONS.labels(account, state).inc()
+
+
+def record_terminal(account: str, state: str, seconds_since_submit: float, polls: int) -> None:
+    """A payment reached terminal ``state`` ``seconds_since_submit`` after submit, after ``polls``.
+
+    Call it once per payment, alongside :func:`record_transition` for the same state.
+    """
+    TERMINAL_SECONDS.labels(account, state).observe(max(0.0, seconds_since_submit))
+    POLLS_AT_TERMINAL.labels(account, state).observe(max(0, polls))
+
+
+def record_unknown_status(account: str) -> None:
+    """The API answered a status paypoll does not know for one of ``account``'s payments."""
+    UNKNOWN_STATUSES.labels(account).inc()
+
+
+def record_job(actor: str, outcome: str, seconds: float) -> None:
+    """A job of ``actor`` finished with ``outcome`` (``ok``, ``rescheduled``, an error class)."""
+    JOBS.labels(actor, outcome).inc()
+    JOB_SECONDS.labels(actor, outcome).observe(seconds)
+
+
+@contextmanager
+def job_in_progress(actor: str) -> Iterator[None]:
+    """Count a job of ``actor`` as running while the block runs, then record it with record_job.
+
+    The outcome is ``ok`` when the block returns and the exception's class name when it raises
+    (the exception propagates). A process killed inside the block leaves its count behind until
+    the fleet calls ``mark_process_dead`` for it.
+    """
+    gauge = JOBS_IN_PROGRESS.labels(actor)
+    gauge.inc()
+    started = time.perf_counter()
+    outcome = OUTCOME_OK
+    try:
+        yield
+    except BaseException as exc:
+        outcome = type(exc).__name__
+        raise
+    finally:
+        gauge.dec()
+        record_job(actor, outcome, time.perf_counter() - started)

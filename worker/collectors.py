@@ -1,0 +1,324 @@
+"""Gauges of shared state, read from Redis when Prometheus scrapes (not kept in any process).
+
+Backlog by state, the most overdue scheduled step, queue depths and live workers are facts about
+Redis, not about one process: counting them in every worker and summing would double count, and a
+multiprocess gauge of a dead process would linger. So the fleet's exporter reads them once per
+scrape with :class:`StoreCollector`. The whole Redis layout it reads is in :func:`read_store`,
+so a change of layout is a change of one function.
+
+:class:`AccountLimitsCollector` exposes each account's configured rate limit, so a dashboard can
+draw the request rate against it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from worker.keys import Keys
+from worker.settings import Account
+
+log = logging.getLogger(__name__)
+
+# The states shown as backlog: not terminal yet ...
+BACKLOG_STATES = ("queued", "creating", "pending")
+# ... and the states that wait for an operator ("needs attention").
+ATTENTION_STATES = ("create_unknown", "failed")
+GAUGE_STATES = BACKLOG_STATES + ATTENTION_STATES
+# The steps an active payment is scheduled for, each with its own due and inflight sets.
+STEPS = ("create", "track")
+# A worker whose last heartbeat is older than this is not counted alive: three missed beats of
+# the fleet's 5 s heartbeat (a beat can be late under load; three in a row is a dead process).
+HEARTBEAT_STALE_AFTER = 15.0
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    """What dramatiq's Redis broker holds for one queue (see :func:`read_store`)."""
+
+    ready: int  # message ids waiting in the list, not fetched by any worker yet
+    unacked: int  # messages enqueued and not acknowledged: ready + held or run by workers
+    delayed: int  # delayed messages (retries, backoffs) not yet moved to the queue
+    dead: int  # dead-lettered messages
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """One account's schedule of one step (create or track)."""
+
+    scheduled: int  # payments waiting for this step's due time
+    overdue: int  # of those, the ones whose due time has passed
+    overdue_seconds: float  # how late the most overdue one is (0 when none)
+    inflight: int  # dispatched to the workers, under a lease
+    lease_expired: int  # dispatched, lease passed without an answer (the sweeper re-dispatches)
+
+
+@dataclass(frozen=True)
+class StoreSnapshot:
+    """One consistent-enough reading of the store: every value from the same two round trips."""
+
+    now: float  # Redis clock, seconds
+    payments: dict[tuple[str, str], int] = field(default_factory=dict)  # (account, state) -> n
+    steps: dict[tuple[str, str], StepSchedule] = field(default_factory=dict)  # (account, step)
+    queues: dict[str, QueueDepth] = field(default_factory=dict)
+    workers_alive: int = 0
+    workers_registered: int = 0
+
+
+def read_store(
+    client: redis.Redis,
+    keys: Keys,
+    namespace: str,
+    queues: Sequence[str],
+    *,
+    heartbeat_stale_after: float = HEARTBEAT_STALE_AFTER,
+) -> StoreSnapshot:
+    """Read everything the gauges show, in two pipelined round trips whatever the account count.
+
+    Layout read (the store's, written by worker/store.py, and dramatiq 2.2.1's Redis broker):
+
+    - ``keys.accounts()``: SET of account aliases; per account, ``keys.by_state(account, s)``:
+      SET of reference_ids in state ``s``; per account and step (create, track)
+      ``keys.due(account, step)``: ZSET reference_id -> when the step is due, and
+      ``keys.inflight(account, step)``: ZSET reference_id -> lease deadline of a dispatched step
+      (both on the Redis clock, seconds).
+    - ``keys.heartbeat()``: ZSET "host:pid" -> last heartbeat (Redis clock, seconds).
+    - dramatiq (brokers/redis.py, redis/dispatch.lua): ``{ns}:{queue}`` LIST of ready message
+      ids, ``{ns}:{queue}.msgs`` HASH of every message not acked yet (fetched ones included);
+      delayed messages in ``{ns}:{queue}.DQ.msgs`` (their list ``.DQ`` loses the ids workers
+      prefetch into memory, the hash keeps them); dead letters in the ZSET ``{ns}:{queue}.XQ``.
+
+    Raises redis.RedisError when Redis fails; the collector turns that into ``paypoll_redis_up 0``.
+    """
+    first = client.pipeline(transaction=False)
+    first.time()
+    first.smembers(keys.accounts())
+    for queue in queues:
+        base = f"{namespace}:{queue}"
+        first.llen(base)
+        first.hlen(f"{base}.msgs")
+        first.hlen(f"{base}.DQ.msgs")
+        first.zcard(f"{base}.XQ")
+    replies: list[Any] = first.execute()
+    seconds, micros = replies[0]
+    now = int(seconds) + int(micros) / 1e6
+    accounts = sorted(_text(a) for a in replies[1])
+    depths: dict[str, QueueDepth] = {}
+    for i, queue in enumerate(queues):
+        ready, unacked, delayed, dead = replies[2 + 4 * i : 6 + 4 * i]
+        depths[queue] = QueueDepth(int(ready), int(unacked), int(delayed), int(dead))
+
+    second = client.pipeline(transaction=False)
+    second.zcount(keys.heartbeat(), now - heartbeat_stale_after, "+inf")
+    second.zcard(keys.heartbeat())
+    for account in accounts:
+        for state in GAUGE_STATES:
+            second.scard(keys.by_state(account, state))
+        for step in STEPS:
+            due, inflight = keys.due(account, step), keys.inflight(account, step)
+            second.zcard(due)
+            second.zcount(due, "-inf", now)
+            second.zrange(due, 0, 0, withscores=True)
+            second.zcard(inflight)
+            second.zcount(inflight, "-inf", now)
+    replies = second.execute()
+    snapshot = StoreSnapshot(
+        now=now,
+        queues=depths,
+        workers_alive=int(replies[0]),
+        workers_registered=int(replies[1]),
+    )
+    at = 2
+    for account in accounts:
+        for state in GAUGE_STATES:
+            snapshot.payments[(account, state)] = int(replies[at])
+            at += 1
+        for step in STEPS:
+            scheduled, overdue, earliest, inflight, expired = replies[at : at + 5]
+            at += 5
+            lateness = now - float(earliest[0][1]) if earliest else 0.0
+            snapshot.steps[(account, step)] = StepSchedule(
+                scheduled=int(scheduled),
+                overdue=int(overdue),
+                overdue_seconds=max(0.0, lateness),
+                inflight=int(inflight),
+                lease_expired=int(expired),
+            )
+    return snapshot
+
+
+class StoreCollector(Collector):
+    """A prometheus-client collector of the store's gauges, read at each scrape.
+
+    Never raises out of a scrape: when Redis cannot be read it yields ``paypoll_redis_up 0`` and
+    nothing else, so the exporter still serves the counters of the workers. Give it a client
+    with a ``socket_timeout`` below Prometheus's scrape timeout so a hung Redis cannot hang the
+    scrape.
+    """
+
+    def __init__(
+        self,
+        *,
+        redis: redis.Redis,
+        keys: Keys,
+        namespace: str,
+        queues: Sequence[str],
+        heartbeat_stale_after: float = HEARTBEAT_STALE_AFTER,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._namespace = namespace
+        self._queues = tuple(queues)
+        self._stale_after = heartbeat_stale_after
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        # Names are not registered up front: the collector must not touch Redis at registration.
+        return []
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        """Yield the store's gauges, or ``paypoll_redis_up 0`` when Redis fails."""
+        started = time.perf_counter()
+        up = GaugeMetricFamily(
+            "paypoll_redis_up", "1 if the exporter read the store from Redis at this scrape"
+        )
+        try:
+            snapshot = read_store(
+                self._redis,
+                self._keys,
+                self._namespace,
+                self._queues,
+                heartbeat_stale_after=self._stale_after,
+            )
+        except redis.RedisError as exc:
+            # The exception's text names the host and the error, never a password.
+            log.warning("metrics: cannot read the store from Redis: %s", type(exc).__name__)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from self._families(snapshot)
+        took = GaugeMetricFamily(
+            "paypoll_store_scrape_seconds", "Time the exporter took to read the store from Redis"
+        )
+        took.add_metric([], time.perf_counter() - started)
+        yield took
+
+    def _families(self, snap: StoreSnapshot) -> Iterator[GaugeMetricFamily]:
+        payments = GaugeMetricFamily(
+            "paypoll_payments",
+            "Payments now in each non-terminal or needs-attention state, by account",
+            labels=["account", "state"],
+        )
+        for (account, state), count in sorted(snap.payments.items()):
+            payments.add_metric([account, state], count)
+        yield payments
+
+        schedule = {
+            "scheduled": GaugeMetricFamily(
+                "paypoll_steps_scheduled",
+                "Payments waiting for the due time of their next step, by account and step",
+                labels=["account", "step"],
+            ),
+            "overdue": GaugeMetricFamily(
+                "paypoll_steps_overdue",
+                "Scheduled steps whose due time has passed, not dispatched yet",
+                labels=["account", "step"],
+            ),
+            "overdue_seconds": GaugeMetricFamily(
+                "paypoll_step_overdue_seconds",
+                "How late the most overdue scheduled step is (0 when none is late)",
+                labels=["account", "step"],
+            ),
+            "inflight": GaugeMetricFamily(
+                "paypoll_steps_inflight",
+                "Steps dispatched to the workers and not finished, by account and step",
+                labels=["account", "step"],
+            ),
+            "lease_expired": GaugeMetricFamily(
+                "paypoll_steps_lease_expired",
+                "Dispatched steps whose lease passed without an answer (to be re-dispatched)",
+                labels=["account", "step"],
+            ),
+        }
+        for (account, step), sched in sorted(snap.steps.items()):
+            for attr, family in schedule.items():
+                family.add_metric([account, step], getattr(sched, attr))
+        yield from schedule.values()
+
+        families = {
+            "ready": GaugeMetricFamily(
+                "paypoll_queue_depth",
+                "Messages waiting in a dramatiq queue, not fetched by any worker yet",
+                labels=["queue"],
+            ),
+            "unacked": GaugeMetricFamily(
+                "paypoll_queue_messages",
+                "Messages of a queue not acknowledged yet (waiting, prefetched or running)",
+                labels=["queue"],
+            ),
+            "delayed": GaugeMetricFamily(
+                "paypoll_queue_delayed_messages",
+                "Delayed messages of a queue (its .DQ), prefetched ones included",
+                labels=["queue"],
+            ),
+            "dead": GaugeMetricFamily(
+                "paypoll_queue_dead_messages",
+                "Dead-lettered messages of a queue (its .XQ)",
+                labels=["queue"],
+            ),
+        }
+        for queue, depth in snap.queues.items():
+            for attr, family in families.items():
+                family.add_metric([queue], getattr(depth, attr))
+        yield from families.values()
+
+        alive = GaugeMetricFamily(
+            "paypoll_workers_alive",
+            f"Worker processes whose heartbeat is newer than {self._stale_after:g} s",
+        )
+        alive.add_metric([], snap.workers_alive)
+        yield alive
+        registered = GaugeMetricFamily(
+            "paypoll_workers_registered",
+            "Worker processes in the heartbeat set, stale ones included",
+        )
+        registered.add_metric([], snap.workers_registered)
+        yield registered
+
+
+class AccountLimitsCollector(Collector):
+    """``paypoll_account_rate_limit{account}``: each account's configured requests per second."""
+
+    def __init__(self, rates: Mapping[str, float]) -> None:
+        self._rates = dict(rates)
+
+    @classmethod
+    def from_accounts(cls, accounts: Iterable[Account]) -> AccountLimitsCollector:
+        """The limits of configured accounts (``settings.accounts.values()``)."""
+        return cls({account.name: account.rate for account in accounts})
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return list(self.collect())
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        """Yield the configured rate limits; reads nothing."""
+        family = GaugeMetricFamily(
+            "paypoll_account_rate_limit",
+            "Configured rate limit of an account's API key, in requests per second",
+            labels=["account"],
+        )
+        for name, rate in sorted(self._rates.items()):
+            family.add_metric([name], rate)
+        return [family]
