@@ -43,9 +43,21 @@ class Keys:
         """Set of reference_ids of an account currently in ``state``."""
         return f"{self._acct(account)}:state:{state}"
 
-    def due(self, account: str) -> str:
-        """Sorted set: reference_id -> time (Redis clock, seconds) its next step is due."""
-        return f"{self._acct(account)}:due"
+    def due(self, account: str, step: str) -> str:
+        """Sorted set: reference_id -> when (Redis clock, s) its next ``step`` is due.
+
+        ``step`` is ``create`` or ``track``: creates have their own set so that a tracking
+        backlog never delays new payments.
+        """
+        return f"{self._acct(account)}:due:{step}"
+
+    def inflight(self, account: str, step: str) -> str:
+        """Sorted set: reference_id -> lease deadline of a ``step`` dispatched to the workers.
+
+        A step still here after its lease was lost (killed worker, lost message): the sweeper
+        puts it back in ``due``.
+        """
+        return f"{self._acct(account)}:inflight:{step}"
 
     def accounts(self) -> str:
         """Set of account aliases that have ever had a payment (for listing and sweeping)."""

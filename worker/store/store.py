@@ -1,0 +1,334 @@
+"""PaymentStore: every read and write of payment records, one Lua call per change."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis
+
+from worker import defaults
+from worker.errors import ValidationError
+from worker.keys import Keys
+from worker.store.records import PaymentRecord, PaymentSpec
+from worker.store.states import ALL_STATES, FINAL, State, sources_of
+
+STEPS = ("create", "track")
+
+NOW = "$now"
+"""A field value the store replaces by the Redis time of the change."""
+
+
+def now_plus(seconds: float) -> str:
+    """A field value the store replaces by the Redis time of the change plus ``seconds``."""
+    return f"$now+{seconds:.6f}"
+
+
+def _load(name: str) -> str:
+    return resources.files("worker.store").joinpath(name).read_text(encoding="utf-8")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class Transition:
+    """The answer of :meth:`PaymentStore.transition`."""
+
+    moved: bool
+    previous: str  # the state before (or the current state, when not moved); "" if no record
+    now: float = 0.0
+    submitted_at: float | None = None
+    polls: int = 0
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Steps of one account claimed for dispatch by :meth:`PaymentStore.claim_due`."""
+
+    now: float
+    recovered: int  # steps whose lease had run out and were put back (lost work)
+    most_overdue: float  # seconds the oldest due step is late (0 when none is)
+    creates: list[str]
+    tracks: list[str]
+
+
+class PaymentStore:
+    """Payment records, their state sets, their schedule and the events stream in Redis."""
+
+    def __init__(
+        self,
+        *,
+        redis: redis.Redis,
+        keys: Keys,
+        events_maxlen: int = defaults.EVENTS_MAXLEN,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.events_maxlen = events_maxlen
+        self._submit = redis.register_script(_load("submit.lua"))
+        self._transition = redis.register_script(_load("transition.lua"))
+        self._claim = redis.register_script(_load("claim.lua"))
+
+    # --- producers ------------------------------------------------------------------------------
+    def _submit_args(self, spec: PaymentSpec) -> tuple[list[str], list[Any]]:
+        k = self.keys
+        keys = [
+            k.payment(spec.account, spec.reference_id),
+            k.by_state(spec.account, State.QUEUED),
+            k.due(spec.account, "create"),
+            k.accounts(),
+            k.events(),
+        ]
+        args: list[Any] = [
+            spec.account,
+            spec.reference_id,
+            State.QUEUED.value,
+            self.events_maxlen,
+            3,
+            "amount",
+            spec.amount,
+            "currency",
+            spec.currency,
+            "redirect_url",
+            spec.redirect_url,
+        ]
+        return keys, args
+
+    @staticmethod
+    def _check_existing(spec: PaymentSpec, reply: Sequence[Any]) -> bool:
+        """True when ``reply`` says "recorded now"; False for an identical existing payment."""
+        if int(reply[0]) == 1:
+            return True
+        stored = {_text(reply[i]): _text(reply[i + 1]) for i in range(2, len(reply), 2)}
+        wanted = {
+            "amount": spec.amount,
+            "currency": spec.currency,
+            "redirect_url": spec.redirect_url,
+        }
+        if stored != wanted:
+            raise ValidationError(
+                "reference_id",
+                f"{spec.reference_id!r} is already used by another payment of account "
+                f"{spec.account!r} (state {_text(reply[1])}) with different details",
+            )
+        return False
+
+    def submit(self, spec: PaymentSpec) -> bool:
+        """Record ``spec`` as ``queued`` with its create due now.
+
+        Idempotent: True when recorded, False when the same payment was already there; raises
+        ValidationError when the reference_id is taken by a payment with other details.
+        """
+        keys, args = self._submit_args(spec)
+        return self._check_existing(spec, self._submit(keys=keys, args=args))
+
+    def submit_many(self, specs: Sequence[PaymentSpec]) -> list[bool | ValidationError]:
+        """Submit a batch in one pipelined round trip; per spec True/False or the error."""
+        pipe = self.redis.pipeline(transaction=False)
+        for spec in specs:
+            keys, args = self._submit_args(spec)
+            self._submit(keys=keys, args=args, client=pipe)
+        results: list[bool | ValidationError] = []
+        for spec, reply in zip(specs, pipe.execute(), strict=True):
+            try:
+                results.append(self._check_existing(spec, reply))
+            except ValidationError as exc:
+                results.append(exc)
+        return results
+
+    def register_tracking(self, account: str, reference_id: str, payment_id: str) -> bool:
+        """Record a payment created elsewhere as ``pending`` with its first poll due now.
+
+        True when recorded; False when this (account, reference_id) already exists with the
+        same payment id; ValidationError when it exists with another.
+        """
+        k = self.keys
+        reply = self._submit(
+            keys=[
+                k.payment(account, reference_id),
+                k.by_state(account, State.PENDING),
+                k.due(account, "track"),
+                k.accounts(),
+                k.events(),
+            ],
+            args=[
+                account,
+                reference_id,
+                State.PENDING.value,
+                self.events_maxlen,
+                1,
+                "payment_id",
+                payment_id,
+                "created_at",
+                "",
+                "phase",
+                "",
+            ],
+        )
+        if int(reply[0]) == 1:
+            # created_at is when paypoll started tracking it: the deadline counts from there.
+            return True
+        if _text(reply[3]) != payment_id:
+            raise ValidationError(
+                "reference_id", f"{reference_id!r} already tracks payment {_text(reply[3])!r}"
+            )
+        return False
+
+    # --- workers --------------------------------------------------------------------------------
+    def transition(
+        self,
+        account: str,
+        reference_id: str,
+        target: State,
+        *,
+        sources: Iterable[State] | None = None,
+        next_step: str = "",
+        delay: float = 0.0,
+        fields: Mapping[str, str | int | float] | None = None,
+        increments: Mapping[str, int] | None = None,
+        guard: tuple[str, str] | None = None,
+        operator: bool = False,
+    ) -> Transition:
+        """Move a payment to ``target`` if it is in one of ``sources`` (default: every state
+        the state machine allows to move there), set ``fields``, add ``increments``, and
+        schedule ``next_step`` ('create', 'track' or '' for none) ``delay`` seconds from now.
+
+        ``guard=(field, value)`` additionally requires the record's field to hold value ("" for
+        unset): a compare-and-set between concurrent deliveries of one message.
+        Atomic; an event is appended to the stream when the state changes.
+        """
+        allowed = (
+            list(sources) if sources is not None else sorted(sources_of(target, operator=operator))
+        )
+        if next_step not in ("", *STEPS):
+            raise ValueError(f"next_step must be '', 'create' or 'track', not {next_step!r}")
+        k = self.keys
+        keys = [
+            k.payment(account, reference_id),
+            k.inflight(account, "create"),
+            k.inflight(account, "track"),
+            k.due(account, "create"),
+            k.due(account, "track"),
+            k.events(),
+            k.by_state(account, target),
+            *(k.by_state(account, s) for s in allowed),
+        ]
+        args: list[Any] = [
+            reference_id,
+            target.value,
+            ",".join(s.value for s in allowed),
+            next_step,
+            f"{max(delay, 0.0):.6f}",
+            self.events_maxlen,
+            guard[0] if guard else "",
+            guard[1] if guard else "",
+            1 if target in FINAL else 0,
+            len(increments or {}),
+        ]
+        for name, amount in (increments or {}).items():
+            args += [name, amount]
+        for name, value in (fields or {}).items():
+            args += [name, value]
+        reply = self._transition(keys=keys, args=args)
+        code = int(reply[0])
+        if code == -1:
+            return Transition(moved=False, previous="")
+        if code == 0:
+            return Transition(moved=False, previous=_text(reply[1]))
+        return Transition(
+            moved=True,
+            previous=_text(reply[1]),
+            now=float(reply[2]),
+            submitted_at=float(reply[3]) if reply[3] else None,
+            polls=int(reply[4]),
+            attempts=int(reply[5]),
+        )
+
+    def release(self, account: str, reference_id: str) -> None:
+        """Forget a dispatched step that found nothing to do (its payment is already final)."""
+        pipe = self.redis.pipeline(transaction=True)
+        for step in STEPS:
+            pipe.zrem(self.keys.inflight(account, step), reference_id)
+        pipe.execute()
+
+    def claim_due(self, account: str, *, budget: int, lease: float, batch: int) -> Claim:
+        """Claim up to ``batch`` due steps of ``account`` while fewer than ``budget`` are in
+        flight (creates first), leasing each for ``lease`` seconds; recover expired leases."""
+        k = self.keys
+        reply = self._claim(
+            keys=[
+                k.inflight(account, "create"),
+                k.inflight(account, "track"),
+                k.due(account, "create"),
+                k.due(account, "track"),
+            ],
+            args=[budget, lease, batch],
+        )
+        return Claim(
+            now=float(reply[0]),
+            recovered=int(reply[1]),
+            most_overdue=float(reply[2]),
+            creates=[_text(r) for r in reply[3]],
+            tracks=[_text(r) for r in reply[4]],
+        )
+
+    # --- readers --------------------------------------------------------------------------------
+    def get(self, account: str, reference_id: str) -> PaymentRecord | None:
+        """The record of (account, reference_id), or None."""
+        raw = self.redis.hgetall(self.keys.payment(account, reference_id))
+        return PaymentRecord.from_hash(raw) if raw else None
+
+    def accounts(self) -> list[str]:
+        """Every account that has had a payment, sorted."""
+        return sorted(_text(a) for a in self.redis.smembers(self.keys.accounts()))
+
+    def find(self, reference_id: str, account: str | None = None) -> list[PaymentRecord]:
+        """Records with this reference_id, in ``account`` or in every account."""
+        accounts = [account] if account else self.accounts()
+        pipe = self.redis.pipeline(transaction=False)
+        for name in accounts:
+            pipe.hgetall(self.keys.payment(name, reference_id))
+        return [PaymentRecord.from_hash(raw) for raw in pipe.execute() if raw]
+
+    def iter_records(
+        self, *, account: str | None = None, state: str | None = None, chunk: int = 500
+    ) -> Iterator[PaymentRecord]:
+        """Every record, optionally of one account and/or one state, sorted by reference_id
+        within each account."""
+        states = [state] if state else [s.value for s in ALL_STATES]
+        for name in [account] if account else self.accounts():
+            refs: set[str] = set()
+            for s in states:
+                refs.update(_text(r) for r in self.redis.smembers(self.keys.by_state(name, s)))
+            ordered = sorted(refs)
+            for start in range(0, len(ordered), chunk):
+                pipe = self.redis.pipeline(transaction=False)
+                for ref in ordered[start : start + chunk]:
+                    pipe.hgetall(self.keys.payment(name, ref))
+                for raw in pipe.execute():
+                    if raw:
+                        yield PaymentRecord.from_hash(raw)
+
+    def count_by_state(self, account: str | None = None) -> dict[str, int]:
+        """Number of payments in each state (of one account, or all)."""
+        accounts = [account] if account else self.accounts()
+        pipe = self.redis.pipeline(transaction=False)
+        for name in accounts:
+            for s in ALL_STATES:
+                pipe.scard(self.keys.by_state(name, s))
+        counts = dict.fromkeys((s.value for s in ALL_STATES), 0)
+        replies = iter(pipe.execute())
+        for _ in accounts:
+            for s in ALL_STATES:
+                counts[s.value] += int(next(replies))
+        return counts
+
+    def now(self) -> float:
+        """The Redis clock, in epoch seconds: the one clock of schedules and the limiter."""
+        seconds, micros = self.redis.time()
+        return float(seconds) + micros / 1e6
