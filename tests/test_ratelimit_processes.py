@@ -1,0 +1,172 @@
+"""The rate limiter across real processes: window bound, key independence, shared penalty, and
+reservations abandoned by a killed process. The API-facing proof against the sandbox is in
+tests/test_ratelimit_sandbox.py.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from multiprocessing.queues import Queue
+from typing import Any
+
+import redis
+
+from tests.test_ratelimit import max_in_window
+from worker.errors import SlotTooFar
+from worker.keys import Keys
+from worker.ratelimit import RateLimiter
+
+SPAWN = multiprocessing.get_context("spawn")
+MARGIN = 0.005
+
+
+def call_for(
+    redis_url: str,
+    prefix: str,
+    account: str,
+    rate: float,
+    threads: int,
+    start_at: float,
+    duration: float,
+    out: Queue[Any],
+) -> None:
+    """Run ``threads`` callers of ``account`` from ``start_at`` for ``duration`` seconds (wall
+    clock) and put the wall-clock start time of every granted call on ``out``.
+
+    A caller told SlotTooFar sleeps ``retry_in`` and asks again, as a rescheduled job would.
+    """
+    client = redis.Redis.from_url(redis_url)
+    limiter = RateLimiter(redis=client, keys=Keys(prefix), margin=MARGIN)
+    starts: list[float] = []
+    lock = threading.Lock()
+
+    def caller() -> None:
+        time.sleep(max(0.0, start_at - time.time()))
+        while time.time() < start_at + duration:
+            try:
+                limiter.acquire(account, rate)
+            except SlotTooFar as far:
+                time.sleep(far.retry_in)
+                continue
+            now = time.time()
+            with lock:
+                starts.append(now)
+
+    workers = [threading.Thread(target=caller) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    out.put((account, os.getpid(), starts))
+
+
+def run_processes(
+    redis_url: str, prefix: str, plan: list[tuple[str, int]], rate: float, duration: float
+) -> dict[str, list[float]]:
+    """Start one process per (account, threads) in ``plan``; return start times per account."""
+    out: Queue[Any] = SPAWN.Queue()
+    start_at = time.time() + 1.5  # leave the spawned interpreters time to import
+    procs = [
+        SPAWN.Process(
+            target=call_for,
+            args=(redis_url, prefix, account, rate, threads, start_at, duration, out),
+        )
+        for account, threads in plan
+    ]
+    for p in procs:
+        p.start()
+    results: dict[str, list[float]] = {}
+    for _ in procs:
+        account, _pid, starts = out.get(timeout=duration + 30)
+        results.setdefault(account, []).extend(starts)
+    for p in procs:
+        p.join(10)
+        assert p.exitcode == 0
+    return results
+
+
+def test_four_processes_never_exceed_the_rate_in_any_window(
+    redis_url: str, key_prefix: str, redis_client: redis.Redis
+) -> None:
+    results = run_processes(redis_url, key_prefix, [("acme", 8)] * 4, rate=5.0, duration=3.0)
+    starts = results["acme"]
+    # Measured on the wall clock of the callers (the same clock as Redis TIME on this host),
+    # when acquire() returned: the moment a request would be sent.
+    assert max_in_window(starts) <= 5
+    # ... and the key was used: 3 s at 1 / 0.205 s gives 15 calls (14 gaps of 0.205 s).
+    assert len(starts) >= 14
+
+
+def test_two_keys_do_not_slow_each_other(redis_url: str, key_prefix: str) -> None:
+    duration = 3.0
+    results = run_processes(
+        redis_url, key_prefix, [("a", 8), ("a", 8), ("b", 8), ("b", 8)], rate=5.0, duration=duration
+    )
+    for account in ("a", "b"):
+        starts = sorted(results[account])
+        assert max_in_window(starts) <= 5
+        # Each key on its own is spaced 0.205 s: the count over the run is that of one key alone.
+        assert len(starts) >= int(duration / (0.2 + MARGIN))
+
+
+def penalize_then_report(redis_url: str, prefix: str, account: str, out: Queue[Any]) -> None:
+    """In another process: penalize ``account`` for 0.8 s, then report Redis TIME at that moment."""
+    client = redis.Redis.from_url(redis_url)
+    RateLimiter(redis=client, keys=Keys(prefix), margin=MARGIN).penalize(account, 0.8)
+    secs, micros = client.time()
+    out.put(secs + micros / 1e6)
+
+
+def test_a_penalty_from_one_process_delays_the_next_call_of_another(
+    redis_url: str, key_prefix: str, redis_client: redis.Redis
+) -> None:
+    limiter = RateLimiter(redis=redis_client, keys=Keys(key_prefix), margin=MARGIN, max_wait=2.0)
+    assert limiter.acquire("acme", 5.0) < 0.05  # the key is idle: go now
+    out: Queue[Any] = SPAWN.Queue()
+    proc = SPAWN.Process(target=penalize_then_report, args=(redis_url, key_prefix, "acme", out))
+    proc.start()
+    penalized_at = out.get(timeout=20)
+    proc.join(10)
+    assert proc.exitcode == 0
+    limiter.acquire("acme", 5.0)
+    secs, micros = redis_client.time()
+    # This process's next call could only start 0.8 s after the other process's penalty.
+    assert secs + micros / 1e6 - penalized_at >= 0.8
+
+
+def book_and_hang(
+    redis_url: str, prefix: str, account: str, count: int, max_wait: float, out: Queue[Any]
+) -> None:
+    """Book ``count`` slots of ``account`` without sleeping on them, report, then hang."""
+    limiter = RateLimiter(redis=redis.Redis.from_url(redis_url), keys=Keys(prefix), margin=MARGIN)
+    granted = sum(limiter.reserve(account, 5.0, max_wait).granted for _ in range(count))
+    out.put(granted)
+    time.sleep(60)  # a caller stuck before sending; it is killed here
+
+
+def test_reservations_of_a_killed_process_starve_no_one_beyond_the_cap(
+    redis_url: str, key_prefix: str, redis_client: redis.Redis
+) -> None:
+    out: Queue[Any] = SPAWN.Queue()
+    proc = SPAWN.Process(target=book_and_hang, args=(redis_url, key_prefix, "acme", 100, 2.0, out))
+    proc.start()
+    granted = out.get(timeout=20)
+    # 100 attempts, but only the slots within max_wait=2 s could be booked: 0 .. 1.845 s.
+    assert granted == 10
+    assert proc.pid is not None
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+    assert proc.exitcode == -signal.SIGKILL
+    limiter = RateLimiter(redis=redis_client, keys=Keys(key_prefix), margin=MARGIN, max_wait=2.5)
+    started = time.monotonic()
+    waited = limiter.acquire("acme", 5.0)
+    # The dead process's slots cost at most the cap (2 s of the key), never more.
+    assert 1.9 <= waited <= 2.05 + 0.05
+    # And the key then runs at its rate again.
+    limiter.acquire("acme", 5.0)
+    limiter.acquire("acme", 5.0)
+    assert time.monotonic() - started <= 2.05 + 2 * 0.205 + 0.1
