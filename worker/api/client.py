@@ -1,0 +1,354 @@
+"""ApiClient: the two calls paypoll makes (create, get) and the token call behind them.
+
+Every HTTP exchange, the token call included, follows one path (``_exchange``): take a slot from
+the rate limiter, send with connect and read timeouts, read a bounded body, map the answer to a
+result or to the exception tree of worker/errors.py, then record one metric and one
+``api.request`` log event. Callers never see a ``requests`` exception.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Callable, Mapping
+from contextlib import closing
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import requests
+import structlog
+from redis import Redis
+
+from worker import metrics
+from worker.api.auth import IssuedToken, TokenCache
+from worker.api.limiting import Limiter, UnlimitedLimiter
+from worker.api.models import BadPayload, PaymentRequest, parse_payment
+from worker.api.responses import error_for_status, malformed
+from worker.api.transport import is_connection_aborted, process_session, transport_error
+from worker.errors import (
+    ApiError,
+    MalformedResponse,
+    RateLimited,
+    TransportError,
+    Unauthorized,
+    ValidationError,
+)
+from worker.keys import Keys
+from worker.logs import register_secret
+from worker.settings import Account, Settings
+
+T = TypeVar("T")
+
+#: Largest answer body read: a PaymentRequest is a few hundred bytes; more is not our API.
+MAX_BODY = 1_048_576
+#: Lifetime assumed for a token whose answer omits expires_in (the contract always sends it);
+#: a 401 renews it earlier if the server thinks otherwise.
+DEFAULT_EXPIRES_IN = 300.0
+TOKEN_PATH = "/oauth/token"  # noqa: S105  (a path, not a password)
+
+log = structlog.get_logger("worker.api")
+
+
+def _parse_token(data: object) -> IssuedToken:
+    """The token endpoint's JSON: access_token, token_type bearer (any case), expires_in."""
+    if not isinstance(data, dict):
+        raise BadPayload(f"expected a JSON object, got {type(data).__name__}")
+    token = data.get("access_token")
+    if not isinstance(token, str) or not token:
+        raise BadPayload("field 'access_token' must be a non-empty string")
+    token_type = data.get("token_type", "bearer")
+    # The provider's pages show both "bearer" and "Bearer" (api-contract.md).
+    if not isinstance(token_type, str) or token_type.lower() != "bearer":
+        raise BadPayload("field 'token_type' must be 'bearer'")
+    expires_in: Any = data.get("expires_in", DEFAULT_EXPIRES_IN)
+    if isinstance(expires_in, str):
+        try:
+            expires_in = float(expires_in)
+        except ValueError:
+            raise BadPayload("field 'expires_in' must be a number") from None
+    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or expires_in <= 0:
+        raise BadPayload("field 'expires_in' must be a positive number")
+    return IssuedToken(access_token=token, expires_in=float(expires_in))
+
+
+def _read_body(response: requests.Response, limit: int) -> bytes | None:
+    """The whole body, or None when it is longer than ``limit`` bytes (not read further)."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_content(chunk_size=65_536):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _outcome(status: int | None, error: ApiError | None) -> str:
+    """The metric/log label of an exchange: the status code, or the error class."""
+    if error is None:
+        return str(status)
+    if isinstance(error, MalformedResponse):
+        return "MalformedResponse"  # one label for both the create and the plain kind
+    return error.outcome
+
+
+class ApiClient:
+    """The Alternative Payments API, as paypoll uses it: thread-safe, one per process.
+
+    ``redis`` holds the shared token cache; ``limiter`` is asked for a slot before every HTTP
+    call (default: UnlimitedLimiter, for tools without one); ``session`` defaults to the
+    process's pooled Session.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        redis: Redis,
+        limiter: Limiter | None = None,
+        session: requests.Session | None = None,
+        keys: Keys | None = None,
+    ) -> None:
+        self._settings = settings
+        self._limiter: Limiter = limiter if limiter is not None else UnlimitedLimiter()
+        self._session = session
+        self._timeout = (settings.connect_timeout, settings.read_timeout)
+        self._base = settings.api_url.rstrip("/")
+        self._payments = self._base + "/" + settings.payments_path.strip("/")
+        self.tokens = TokenCache(
+            redis=redis,
+            keys=keys if keys is not None else Keys(settings.key_prefix),
+            fetch=self._fetch_token,
+            renew_before=settings.token_renew_before,
+            on_token=register_secret,
+        )
+        for account in settings.accounts.values():
+            # Known before the first call, so the log redaction catches them anywhere.
+            register_secret(account.client_secret.reveal())
+            register_secret(self._basic(account))
+
+    def __repr__(self) -> str:
+        return f"ApiClient(api_url={self._base!r}, accounts={sorted(self._settings.accounts)!r})"
+
+    @property
+    def session(self) -> requests.Session:
+        """The Session in use (the process's pooled one unless one was given)."""
+        return self._session if self._session is not None else process_session()
+
+    # --- the calls ------------------------------------------------------------------------------
+
+    def create_payment(
+        self,
+        account: str,
+        *,
+        amount: str | int,
+        currency: str,
+        redirect_url: str,
+        reference_id: str | None = None,
+        max_wait: float | None = None,
+    ) -> PaymentRequest:
+        """POST a payment request for ``account`` (an alias) and return what the API made.
+
+        Sent once: never retried here. Raises RejectedInput (400/422), RateLimited, ServerError,
+        NotSent (safe to retry), Ambiguous (sent, answer lost: the payment may exist),
+        MalformedCreateResponse (2xx with an unusable body; also an Ambiguous), Unauthorized,
+        CredentialsRefused, SlotTooFar (nothing sent), UnknownAccount.
+        """
+        acct = self._settings.account(account)
+        body: dict[str, str] = {
+            "amount": str(amount),
+            "currency": currency,
+            "redirect_url": redirect_url,
+        }
+        if reference_id is not None:
+            body["reference_id"] = reference_id
+        return self._authorized(
+            acct, "create", "POST", self._payments, parse_payment, json_body=body, max_wait=max_wait
+        )
+
+    def get_payment(
+        self, account: str, payment_id: str, *, max_wait: float | None = None
+    ) -> PaymentRequest:
+        """GET payment request ``payment_id`` of ``account``.
+
+        A GET is idempotent: a connection the server closed without answering (typically a stale
+        pooled keep-alive connection) is retried once at once, and every TransportError it
+        raises has ``retry_safe`` True. Raises NotFound, MalformedResponse (also when the
+        answer's id is not ``payment_id``) and the errors of create_payment.
+        """
+        if not payment_id:
+            raise ValidationError("payment_id", "must be a non-empty string")
+        acct = self._settings.account(account)
+        url = f"{self._payments}/{quote(payment_id, safe='')}"
+
+        def parse(data: object) -> PaymentRequest:
+            payment = parse_payment(data)
+            if payment.id != payment_id:
+                raise BadPayload("the answer is about another payment id")
+            return payment
+
+        return self._authorized(acct, "get", "GET", url, parse, max_wait=max_wait)
+
+    # --- inside ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _basic(account: Account) -> str:
+        pair = f"{account.client_id}:{account.client_secret.reveal()}".encode()
+        return base64.b64encode(pair).decode("ascii")
+
+    def _fetch_token(self, account: Account, max_wait: float | None) -> IssuedToken:
+        """The contract's client_credentials call (api-contract.md, "Authentication")."""
+        headers = {
+            "Authorization": f"Basic {self._basic(account)}",
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Accept": "application/json",
+        }
+        return self._exchange(
+            account,
+            "token",
+            "POST",
+            self._base + TOKEN_PATH,
+            _parse_token,
+            headers=headers,
+            form_body="grant_type=client_credentials",
+            max_wait=max_wait,
+            attempt=1,
+        )
+
+    def _authorized(
+        self,
+        account: Account,
+        endpoint: str,
+        method: str,
+        url: str,
+        parse: Callable[[object], T],
+        *,
+        json_body: Mapping[str, str] | None = None,
+        max_wait: float | None = None,
+    ) -> T:
+        """An exchange with the account's bearer token; one renewal after a 401."""
+        renewed = False
+        retried_stale = False
+        attempt = 0
+        while True:
+            attempt += 1
+            token = self.tokens.get(account, max_wait=max_wait)
+            try:
+                return self._exchange(
+                    account,
+                    endpoint,
+                    method,
+                    url,
+                    parse,
+                    headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+                    json_body=json_body,
+                    max_wait=max_wait,
+                    attempt=attempt,
+                )
+            except Unauthorized as exc:
+                if exc.status != 401 or renewed:
+                    raise
+                # Expired or revoked before its TTL: forget it (if nobody replaced it yet) and
+                # try once more with a fresh one; a second 401 is raised.
+                renewed = True
+                self.tokens.invalidate(account.name, token)
+            except TransportError as exc:
+                if method != "GET":
+                    raise
+                exc.retry_safe = True  # a GET has no effect to repeat
+                if retried_stale or not is_connection_aborted(exc):
+                    raise
+                retried_stale = True
+
+    def _exchange(
+        self,
+        account: Account,
+        endpoint: str,
+        method: str,
+        url: str,
+        parse: Callable[[object], T],
+        *,
+        headers: Mapping[str, str],
+        json_body: Mapping[str, str] | None = None,
+        form_body: str | None = None,
+        max_wait: float | None,
+        attempt: int,
+    ) -> T:
+        """One HTTP call: limiter slot, send, bounded read, map, measure, log."""
+        # SlotTooFar propagates from here: nothing was sent, nothing is recorded as a call.
+        waited = self._limiter.acquire(account.name, account.rate, max_wait=max_wait)
+        started = time.perf_counter()
+        status: int | None = None
+        error: ApiError | None = None
+        try:
+            try:
+                response = self.session.request(
+                    method,
+                    url,
+                    headers=dict(headers),
+                    json=json_body,
+                    data=form_body,
+                    timeout=self._timeout,
+                    stream=True,  # so the body is read with a size bound
+                    allow_redirects=False,  # a redirect would re-send credentials elsewhere
+                )
+                with closing(response):
+                    status = response.status_code
+                    body = _read_body(response, MAX_BODY)
+                    response_headers = response.headers
+            except requests.RequestException as exc:
+                raise transport_error(
+                    exc,
+                    account=account.name,
+                    endpoint=endpoint,
+                    connect_timeout=self._timeout[0],
+                    read_timeout=self._timeout[1],
+                ) from exc
+            if body is None:
+                raise malformed(
+                    f"body larger than {MAX_BODY} bytes",
+                    account=account.name,
+                    endpoint=endpoint,
+                    status=status,
+                )
+            if not 200 <= status <= 299:
+                raise error_for_status(
+                    status, response_headers, body, account=account.name, endpoint=endpoint
+                )
+            try:
+                return parse(json.loads(body))
+            except (ValueError, RecursionError) as exc:
+                # BadPayload messages name fields, never values; a JSON error is described by
+                # its class only (its .doc would be the body: a token answer holds the token).
+                problem = str(exc) if isinstance(exc, BadPayload) else "body is not JSON"
+                raise malformed(
+                    problem, account=account.name, endpoint=endpoint, status=status
+                ) from None
+        except ApiError as exc:
+            error = exc
+            if isinstance(exc, RateLimited):
+                self._limiter.penalize(account.name, exc.retry_after)
+            raise
+        finally:
+            seconds = time.perf_counter() - started
+            outcome = _outcome(status, error)
+            metrics.record_api_call(account.name, endpoint, outcome, seconds)
+            fields: dict[str, Any] = {
+                "account": account.name,
+                "endpoint": endpoint,
+                "method": method,
+                "status": status,
+                "outcome": outcome,
+                "latency_ms": round(seconds * 1000, 1),
+                "limiter_wait_ms": round(waited * 1000, 1),
+                "attempt": attempt,
+            }
+            if error is None:
+                log.info("api.request", **fields)
+            else:
+                fields["error"] = type(error).__name__
+                fields["reason"] = error.message
+                if error.retry_after is not None:
+                    fields["retry_after"] = error.retry_after
+                log.warning("api.request", **fields)

@@ -1,0 +1,158 @@
+"""The HTTP connection pool, and what a failed exchange means: never sent, or sent and lost.
+
+One pooled ``requests.Session`` per process, sized for many worker threads, with urllib3's own
+retries off: every retry decision belongs to paypoll (design.md, invariant 3), because a blind
+retry of a create could create a second payment.
+
+Telling "not sent" from "sent, answer lost" is what keeps creates at most once. With
+``max_retries=0`` requests raises, for this urllib3:
+
+- a refused connection, DNS failure or connect timeout: ``ConnectionError(MaxRetryError(reason=
+  NewConnectionError | ConnectTimeoutError))`` or ``ConnectTimeout``: nothing reached the server
+  -> NotSent (retry-safe);
+- the server closed or reset the connection after we wrote the request (``RemoteDisconnected``,
+  ``ConnectionResetError``): ``ConnectionError(ProtocolError("Connection aborted.", ...))`` ->
+  Ambiguous, although it is a ConnectionError too;
+- ``ReadTimeout``, ``ChunkedEncodingError``, a read timeout while reading the body
+  (``ConnectionError(ReadTimeoutError)``) -> Ambiguous.
+
+Anything not positively recognised as a connect-phase failure is Ambiguous: the safe side.
+A pooled keep-alive connection that the server had already closed before we wrote anything also
+shows up as "Connection aborted"; for a create that stays Ambiguous (we cannot tell it apart),
+for a GET the client simply retries once (a GET is idempotent).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import requests
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+
+from worker import __version__
+from worker.errors import Ambiguous, NotSent, TransportError
+
+#: Connections kept per host: more than any sane number of worker threads per process.
+POOL_MAXSIZE = 64
+#: Distinct hosts kept in the pool (the API, the demo API, a sandbox).
+POOL_CONNECTIONS = 4
+USER_AGENT = f"paypoll/{__version__}"
+
+_lock = threading.Lock()
+_session: tuple[int, requests.Session] | None = None
+
+
+def new_session(*, pool_maxsize: int = POOL_MAXSIZE) -> requests.Session:
+    """A Session with a large pool, no automatic retries and paypoll's User-Agent."""
+    session = requests.Session()
+    adapter = HTTPAdapter(
+        pool_connections=POOL_CONNECTIONS, pool_maxsize=pool_maxsize, max_retries=0
+    )
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers["User-Agent"] = USER_AGENT
+    return session
+
+
+def process_session() -> requests.Session:
+    """The one Session of this process, created on first use (and again after a fork).
+
+    Sockets must not be shared with a forked child, hence the pid check.
+    """
+    global _session
+    with _lock:
+        if _session is None or _session[0] != os.getpid():
+            _session = (os.getpid(), new_session())
+        return _session[1]
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps: args, ``reason``, ``__cause__``/``__context__``, in order."""
+    seen: list[BaseException] = []
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop(0)
+        if any(current is s for s in seen) or len(seen) > 20:
+            continue
+        seen.append(current)
+        reason = getattr(current, "reason", None)
+        if isinstance(reason, BaseException):
+            todo.append(reason)
+        todo.extend(a for a in current.args if isinstance(a, BaseException))
+        for linked in (current.__cause__, current.__context__):
+            if linked is not None:
+                todo.append(linked)
+    return seen
+
+
+def _detail(exc: BaseException) -> str:
+    """A short, secret-free name of the root cause, e.g. ``ConnectionRefusedError``.
+
+    Only class names and OS error strings are used: the texts of requests/urllib3 exceptions
+    carry URLs and connection reprs that have no business in our messages.
+    """
+    chain = _chain(exc)
+    for item in reversed(chain):
+        if isinstance(item, OSError) and item.strerror:
+            return f"{type(item).__name__}: {item.strerror}"
+    names = [type(item).__name__ for item in chain]
+    return names[-1] if names else type(exc).__name__
+
+
+def _is_connect_failure(exc: requests.RequestException) -> bool:
+    if isinstance(exc, requests.ConnectTimeout | requests.exceptions.ProxyError):
+        return True
+    if isinstance(exc, requests.exceptions.SSLError):
+        # A TLS failure is a handshake failure: the request itself was not written yet.
+        return True
+    if isinstance(exc, requests.exceptions.InvalidURL | requests.exceptions.MissingSchema):
+        return True
+    if isinstance(exc, requests.ConnectionError):
+        inner = exc.args[0] if exc.args else None
+        if isinstance(inner, urllib3.exceptions.MaxRetryError):
+            # NewConnectionError (and NameResolutionError) subclass ConnectTimeoutError.
+            return isinstance(inner.reason, urllib3.exceptions.ConnectTimeoutError)
+    return False
+
+
+def is_connection_aborted(exc: BaseException) -> bool:
+    """True when the server closed or reset the connection without an answer.
+
+    Also how a stale pooled keep-alive connection looks; used to retry a GET once.
+    """
+    return any(
+        isinstance(item, ConnectionResetError | ConnectionAbortedError | BrokenPipeError)
+        or type(item).__name__ == "RemoteDisconnected"
+        for item in _chain(exc)
+    )
+
+
+def transport_error(
+    exc: requests.RequestException,
+    *,
+    account: str,
+    endpoint: str,
+    connect_timeout: float,
+    read_timeout: float,
+) -> TransportError:
+    """NotSent when ``exc`` proves nothing reached the server, Ambiguous otherwise."""
+    detail = _detail(exc)
+    if _is_connect_failure(exc):
+        if isinstance(exc, requests.ConnectTimeout):
+            detail = f"connect timeout after {connect_timeout:g}s"
+        return NotSent(
+            f"could not reach the API, nothing was sent ({detail})",
+            account=account,
+            endpoint=endpoint,
+        )
+    if isinstance(exc, requests.ReadTimeout) or any(
+        isinstance(item, urllib3.exceptions.ReadTimeoutError) for item in _chain(exc)
+    ):
+        detail = f"no answer within read_timeout={read_timeout:g}s"
+    return Ambiguous(
+        f"the request was sent but its answer was lost ({detail})",
+        account=account,
+        endpoint=endpoint,
+    )

@@ -1,0 +1,209 @@
+"""Logging set-up: structlog and stdlib ``logging`` through one renderer, with secrets redacted.
+
+``configure_logging`` is called once at an entry point (calling it again replaces the previous
+set-up, it does not add a second handler). Every record, from structlog (``structlog.get_logger``)
+or from the stdlib (dramatiq logs that way), goes through the same chain: context variables bound
+by the actors (account, reference_id, payment_id, message_id, attempt), ISO UTC timestamp, level,
+logger name, exception text, redaction, then JSON lines (or a console renderer on a TTY).
+
+Redaction (design.md, invariant 6) works at three levels, because a secret can arrive anywhere:
+
+1. keys named like a secret (``client_secret``, ``access_token``, ``Authorization``, ``password``,
+   ...) have their value replaced by ``[REDACTED]``, in nested dicts too;
+2. strings are scrubbed of ``Basic ...``/``Bearer ...`` credentials and ``secret=...`` pairs;
+3. values registered with ``register_secret`` (each client_secret at start-up, each access token
+   when the token cache learns it) are replaced wherever they occur, including exception text,
+   and again in the final rendered line (so an encoding step cannot reassemble them).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import IO, Any
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+REDACTED = "[REDACTED]"
+#: Registered values shorter than this are not replaced inside strings: a 3-character "secret"
+#: would shred every log line. Real client secrets and tokens are far longer.
+MIN_SECRET_LENGTH = 6
+#: Registered values remembered (oldest forgotten first): one token per account per hour fits.
+MAX_SECRETS = 10_000
+
+_SECRET_KEY = re.compile(
+    r"secret|token|password|passwd|authorization|credential|api[_-]?key|cookie", re.IGNORECASE
+)
+_KEYS_NOT_REDACTED = frozenset({"event", "timestamp", "level", "logger"})
+_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # HTTP credentials: "Basic dXNlcjpwYXNz", "Bearer eyJ..."
+    (re.compile(r"\b(Basic|Bearer)(\s+)[A-Za-z0-9\-._~+/]+=*", re.IGNORECASE), r"\1\2" + REDACTED),
+    # key=value or "key": "value" pairs inside text (form bodies, reprs, JSON in messages)
+    (
+        re.compile(
+            r"""((?:access_token|client_secret|password|secret)["']?\s*[:=]\s*["']?)"""
+            r"""[^\s"'&,;}\]]+""",
+            re.IGNORECASE,
+        ),
+        r"\1" + REDACTED,
+    ),
+)
+
+_secrets_lock = threading.Lock()
+_secrets: OrderedDict[str, None] = OrderedDict()
+_secrets_pattern: re.Pattern[str] | None = None
+
+
+def register_secret(value: str) -> None:
+    """Have ``value`` replaced by ``[REDACTED]`` in every log line from now on (idempotent)."""
+    global _secrets_pattern
+    if len(value) < MIN_SECRET_LENGTH:
+        return
+    with _secrets_lock:
+        if value in _secrets:
+            _secrets.move_to_end(value)
+            return
+        _secrets[value] = None
+        while len(_secrets) > MAX_SECRETS:
+            _secrets.popitem(last=False)
+        # Longest first, so a secret containing another is replaced whole.
+        ordered = sorted(_secrets, key=len, reverse=True)
+        _secrets_pattern = re.compile("|".join(re.escape(s) for s in ordered))
+
+
+def redact_text(text: str) -> str:
+    """``text`` with registered secrets and credential patterns replaced by ``[REDACTED]``."""
+    pattern = _secrets_pattern
+    if pattern is not None:
+        text = pattern.sub(REDACTED, text)
+    for regex, replacement in _PATTERNS:
+        text = regex.sub(replacement, text)
+    return text
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, Mapping):
+        return _redact_mapping(value)
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_redact_value(v) for v in value]
+    if isinstance(value, BaseException):
+        return redact_text(f"{type(value).__name__}: {value}")
+    return value
+
+
+def _redact_mapping(data: Mapping[Any, Any]) -> dict[Any, Any]:
+    return {
+        key: (
+            REDACTED
+            if isinstance(key, str) and key not in _KEYS_NOT_REDACTED and _SECRET_KEY.search(key)
+            else _redact_value(value)
+        )
+        for key, value in data.items()
+    }
+
+
+def redact_event(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: redact by key name, by pattern and by registered value."""
+    return _redact_mapping(event_dict)
+
+
+class _RedactingRenderer:
+    """Wraps the final renderer and scrubs its output line once more (values and patterns)."""
+
+    def __init__(self, renderer: Processor) -> None:
+        self._renderer = renderer
+
+    def __call__(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> str:
+        rendered = self._renderer(logger, method, event_dict)
+        text = rendered if isinstance(rendered, str) else str(rendered)
+        return redact_text(text)
+
+
+class _PaypollHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The one handler configure_logging installs on the root logger (found again by type)."""
+
+
+def _level(level: str | int) -> int:
+    if isinstance(level, int):
+        return level
+    number = logging.getLevelNamesMapping().get(level.strip().upper())
+    if number is None:
+        raise ValueError(f"unknown log level {level!r}: expected DEBUG, INFO, WARNING or ERROR")
+    return number
+
+
+def _pre_chain() -> list[Processor]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_logger_name,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.ExtraAdder(),
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+    ]
+
+
+def configure_logging(
+    *, fmt: str = "auto", level: str | int = "INFO", stream: IO[str] | None = None
+) -> None:
+    """Send structlog and stdlib logging to ``stream`` (default stderr) at ``level``.
+
+    ``fmt``: ``json`` (one JSON object per line), ``console`` (human-readable), or ``auto``
+    (console on a TTY, JSON otherwise). Safe to call again: the previous handler is replaced.
+    """
+    if fmt not in {"auto", "json", "console"}:
+        raise ValueError(f"unknown log format {fmt!r}: expected auto, json or console")
+    out = stream if stream is not None else sys.stderr
+    if fmt == "auto":
+        fmt = "console" if getattr(out, "isatty", lambda: False)() else "json"
+    numeric_level = _level(level)
+
+    final: list[Processor]
+    if fmt == "json":
+        # Exceptions become a string before redaction, so their text is scrubbed too.
+        final = [
+            structlog.processors.format_exc_info,
+            redact_event,
+            _RedactingRenderer(structlog.processors.JSONRenderer()),
+        ]
+    else:
+        # ConsoleRenderer formats exceptions itself; the rendered text is scrubbed afterwards.
+        final = [
+            redact_event,
+            _RedactingRenderer(structlog.dev.ConsoleRenderer(colors=False)),
+        ]
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_pre_chain(),
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final],
+    )
+    handler = _PaypollHandler(out)
+    handler.setFormatter(formatter)
+
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _PaypollHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(numeric_level)
+
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.add_logger_name,
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.PositionalArgumentsFormatter(),
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.StackInfoRenderer(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        # Not cached: a logger used before configure_logging must follow the later set-up.
+        cache_logger_on_first_use=False,
+    )
