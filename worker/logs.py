@@ -47,7 +47,7 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (
         re.compile(
             r"""((?:access_token|client_secret|password|secret)["']?\s*[:=]\s*["']?)"""
-            r"""[^\s"'&,;}\]]+""",
+            r"""(?!\[REDACTED\])[^\s"'&,;}\]]+""",
             re.IGNORECASE,
         ),
         r"\1" + REDACTED,
