@@ -18,14 +18,12 @@ import shutil
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from tests.redis_server import free_port
 
@@ -56,12 +54,7 @@ class PrometheusServer:
 
     def api(self, path: str, **params: str) -> Any:
         """GET ``/api/v1/<path>`` and return its ``data``; raises AssertionError on an error."""
-        query = urllib.parse.urlencode(params)
-        try:
-            with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=10) as resp:
-                body = json.load(resp)
-        except urllib.error.HTTPError as exc:
-            body = json.load(exc)
+        body = requests.get(f"{self.url}/api/v1/{path}", params=params, timeout=10).json()
         if body.get("status") != "success":
             raise AssertionError(f"{path} {params}: {body.get('errorType')}: {body.get('error')}")
         return body["data"]
@@ -155,11 +148,33 @@ def _wait_ready(server: PrometheusServer, timeout: float) -> None:
         if server.process.poll() is not None:
             raise AssertionError(f"prometheus exited at start:\n{server.log()}")
         try:
-            with urllib.request.urlopen(f"{server.url}/-/ready", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError):
+            if requests.get(f"{server.url}/-/ready", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
             pass
         if time.monotonic() > deadline:
             raise AssertionError(f"prometheus not ready after {timeout}s:\n{server.log()}")
         time.sleep(0.05)
+
+
+def scrape(url: str) -> str:
+    """The text exposition served at ``url`` (fails on a non-200 answer)."""
+    resp = requests.get(url, timeout=10)
+    assert resp.status_code == 200, f"{url}: HTTP {resp.status_code}"
+    return resp.text
+
+
+def samples(exposition: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a text exposition: (name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return found
+
+
+def value(exposition: str, name: str, **labels: str) -> float | None:
+    """The value of the sample ``name{labels}`` (exact label set), or None when absent."""
+    return samples(exposition).get((name, frozenset(labels.items())))

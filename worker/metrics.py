@@ -14,7 +14,7 @@ variable itself (prometheus-client reads ``PROMETHEUS_MULTIPROC_DIR`` when first
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -166,6 +166,22 @@ def record_job(actor: str, outcome: str, seconds: float) -> None:
     """A job of ``actor`` finished with ``outcome`` (``ok``, ``rescheduled``, an error class)."""
     JOBS.labels(actor, outcome).inc()
     JOB_SECONDS.labels(actor, outcome).observe(seconds)
+
+
+def prime_accounts(accounts: Iterable[str], states: Iterable[str] = ()) -> None:
+    """Create the per-account series at 0, so the first event shows up in ``increase()``.
+
+    Prometheus cannot see the first increment of a series that appears with value 1 (there is no
+    earlier sample), so alerts such as "a tracking timeout happened" would miss it. Each worker
+    process calls this at start with the configured accounts and every payment state.
+    """
+    states = tuple(states)
+    for account in accounts:
+        for counter in (RATE_LIMITED, LIMITER_GRANTED, LIMITER_FAR, LIMITER_PENALTIES):
+            counter.labels(account)
+        UNKNOWN_STATUSES.labels(account)
+        for state in states:
+            TRANSITIONS.labels(account, state)
 
 
 @contextmanager
