@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.sandbox_fixture import RunningSandbox  # noqa: E402
+from tests.sandbox_fixture import RunningSandbox
 
 CLIENT = ("bench", "bench-secret")
 BODY = json.dumps(
@@ -151,8 +151,10 @@ def wrk_load(args: argparse.Namespace, sb: RunningSandbox) -> str:
         script = Path(tmp) / "auth.lua"
         script.write_text(f'wrk.headers["Authorization"] = "Bearer {token}"\n')
         result = subprocess.run(
-            [wrk, "-t2", f"-c{args.connections}", f"-d{int(args.duration)}s", "--latency"]
-            + ["-s", str(script), url],
+            [
+                *(wrk, "-t2", f"-c{args.connections}", f"-d{int(args.duration)}s"),
+                *("--latency", "-s", str(script), url),
+            ],
             capture_output=True,
             text=True,
             check=True,
