@@ -16,6 +16,12 @@ from worker import __version__
 
 # command -> module. Order is the order of `paypoll --help`.
 COMMANDS: dict[str, str] = {
+    "worker": "worker.commands.worker",
+    "submit": "worker.commands.submit",
+    "track": "worker.commands.track",
+    "status": "worker.commands.status",
+    "list": "worker.commands.listing",
+    "resolve": "worker.commands.resolve",
     "sandbox": "worker.sandbox.cli",
 }
 

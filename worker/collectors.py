@@ -21,6 +21,8 @@ from typing import Any
 import redis
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from worker.keys import Keys
 from worker.settings import Account
@@ -37,6 +39,9 @@ STEPS = ("create", "track")
 # A worker whose last heartbeat is older than this is not counted alive: three missed beats of
 # the fleet's 5 s heartbeat (a beat can be late under load; three in a row is a dead process).
 HEARTBEAT_STALE_AFTER = 15.0
+# Seconds a scrape waits for Redis (connect, then each reply): well under the 4 s scrape timeout
+# of config/prometheus.yml, so a scrape with Redis down still answers (paypoll_redis_up 0).
+SCRAPE_REDIS_TIMEOUT = 1.0
 
 
 def _text(value: bytes | str) -> str:
@@ -162,9 +167,8 @@ class StoreCollector(Collector):
     """A prometheus-client collector of the store's gauges, read at each scrape.
 
     Never raises out of a scrape: when Redis cannot be read it yields ``paypoll_redis_up 0`` and
-    nothing else, so the exporter still serves the counters of the workers. Give it a client
-    with a ``socket_timeout`` below Prometheus's scrape timeout so a hung Redis cannot hang the
-    scrape.
+    nothing else, so the exporter still serves the counters of the workers. Build it with
+    :meth:`from_url` (short timeouts, no retries) so a hung or absent Redis cannot stall a scrape.
     """
 
     def __init__(
@@ -181,6 +185,37 @@ class StoreCollector(Collector):
         self._namespace = namespace
         self._queues = tuple(queues)
         self._stale_after = heartbeat_stale_after
+
+    @classmethod
+    def from_url(
+        cls,
+        redis_url: str,
+        *,
+        keys: Keys,
+        namespace: str,
+        queues: Sequence[str],
+        timeout: float = SCRAPE_REDIS_TIMEOUT,
+        heartbeat_stale_after: float = HEARTBEAT_STALE_AFTER,
+    ) -> StoreCollector:
+        """A collector with its own client: ``timeout`` per socket operation and no retries.
+
+        redis-py's default client retries a failed connection 10 times with backoff, which
+        stretches a scrape with Redis down past Prometheus's scrape timeout; this one answers
+        ``paypoll_redis_up 0`` within about ``timeout``. Opens no connection until a scrape.
+        """
+        client = redis.Redis.from_url(
+            redis_url,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
+        return cls(
+            redis=client,
+            keys=keys,
+            namespace=namespace,
+            queues=queues,
+            heartbeat_stale_after=heartbeat_stale_after,
+        )
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
         # Names are not registered up front: the collector must not touch Redis at registration.

@@ -1,124 +1,176 @@
-"""Producers: validate payments and hand them to the store, where the workers pick them up.
+"""The producer interface: submit payments, track payments made elsewhere, look them up.
 
-Nothing invalid is recorded: every check names the field and the reason. A valid payment is
-recorded ``queued`` with its create step due now; the sweeper in the worker fleet dispatches it.
-Producers need only Redis, not the workers.
+These are the calls users make from Python (exported by ``worker``) and that the CLI wraps.
+A producer needs Redis only: it records a validated payment as ``queued`` with its create step
+due now, and the sweeper of the worker fleet dispatches it. Submitting is idempotent per
+(account, reference_id).
 """
 
 from __future__ import annotations
 
-import re
-import uuid
-from collections.abc import Mapping
-from decimal import Decimal, InvalidOperation
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
-from worker import defaults
-from worker.errors import UnknownAccount, ValidationError
-from worker.store import PaymentSpec
+from worker.connection import connect_redis
+from worker.errors import ValidationError
+from worker.keys import Keys
+from worker.settings import Settings, load_settings
+from worker.store import PaymentRecord, PaymentSpec, PaymentStore
+from worker.validation import validate_payment, validate_reference_id
 
-_AMOUNT = re.compile(r"^[0-9]+(\.[0-9]{1,2})?$")
-MAX_AMOUNT = Decimal("1000000000")  # far above any real single charge; catches unit mistakes
-MAX_URL_LENGTH = 2048  # what browsers and most servers accept
-
-
-def new_reference_id() -> str:
-    """A fresh reference_id for a payment submitted without one."""
-    return f"pp-{uuid.uuid4().hex}"
+SUBMIT_CHUNK = 500  # payments per pipelined round trip when submitting many
 
 
-def validate_amount(value: Any) -> str:
-    """The amount as the API wants it: a positive decimal string with at most 2 decimals."""
-    if isinstance(value, bool | float):
-        raise ValidationError(
-            "amount", "must be a decimal string such as '100' or '12.50' (floats lose cents)"
+@dataclass
+class Producer:
+    """Submits and reads payments with one Settings and one store."""
+
+    settings: Settings
+    store: PaymentStore
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> Producer:
+        """A Producer on ``settings`` (default: read from the environment)."""
+        settings = settings if settings is not None else load_settings()
+        client = connect_redis(settings.redis_url)
+        store = PaymentStore(
+            redis=client, keys=Keys(settings.key_prefix), events_maxlen=settings.events_maxlen
         )
-    if isinstance(value, int | Decimal):
-        value = str(value)
-    if not isinstance(value, str):
-        raise ValidationError("amount", f"must be a decimal string, not {type(value).__name__}")
-    text = value.strip()
-    if not _AMOUNT.match(text):
-        raise ValidationError(
-            "amount", f"{value!r} is not a positive decimal with at most 2 decimals"
+        return cls(settings=settings, store=store)
+
+    def validate(self, **fields: Any) -> PaymentSpec:
+        """The payment normalised, or ValidationError naming the field and the reason."""
+        return validate_payment(accounts=self.settings.accounts, **fields)
+
+    def submit_payment(
+        self,
+        *,
+        account: str,
+        amount: str | int,
+        redirect_url: str,
+        currency: str = "USD",
+        reference_id: str | None = None,
+    ) -> str:
+        """Validate and record one payment; returns its reference_id (generated when absent).
+
+        Submitting the same payment twice is harmless; a reference_id already used for another
+        payment of the account raises ValidationError.
+        """
+        spec = self.validate(
+            account=account,
+            amount=amount,
+            currency=currency,
+            redirect_url=redirect_url,
+            reference_id=reference_id,
         )
-    try:
-        amount = Decimal(text)
-    except InvalidOperation:  # pragma: no cover - the regex already guarantees a number
-        raise ValidationError("amount", f"{value!r} is not a number") from None
-    if amount <= 0:
-        raise ValidationError("amount", "must be greater than 0")
-    if amount > MAX_AMOUNT:
-        raise ValidationError("amount", f"must be at most {MAX_AMOUNT}")
-    return text
+        self.store.submit(spec)
+        return spec.reference_id
+
+    def submit_specs(self, specs: Iterable[PaymentSpec]) -> Iterator[bool | ValidationError]:
+        """Record already validated payments, pipelined; yields per payment True (recorded),
+        False (already there) or the ValidationError of a conflicting reference_id."""
+        chunk: list[PaymentSpec] = []
+        for spec in specs:
+            chunk.append(spec)
+            if len(chunk) >= SUBMIT_CHUNK:
+                yield from self.store.submit_many(chunk)
+                chunk = []
+        if chunk:
+            yield from self.store.submit_many(chunk)
+
+    def track_payment(
+        self, *, account: str, payment_id: str, reference_id: str | None = None
+    ) -> str:
+        """Track a payment request created elsewhere; returns its reference_id.
+
+        Without ``reference_id`` the payment is recorded as ``track-<payment_id>``.
+        """
+        self.settings.account(account)
+        if not isinstance(payment_id, str) or not payment_id.strip():
+            raise ValidationError("payment_id", "is required: the id the API gave the payment")
+        ref = validate_reference_id(reference_id) if reference_id else f"track-{payment_id}"
+        validate_reference_id(ref)
+        self.store.register_tracking(account, ref, payment_id.strip())
+        return ref
+
+    def get_payment(self, reference_id: str, *, account: str | None = None) -> PaymentRecord:
+        """The record of ``reference_id`` (in ``account``, or the only account that has it)."""
+        found = self.store.find(reference_id, account)
+        if not found:
+            where = f" in account {account!r}" if account else ""
+            raise ValidationError("reference_id", f"no payment {reference_id!r}{where}")
+        if len(found) > 1:
+            names = ", ".join(r.account for r in found)
+            raise ValidationError(
+                "account", f"{reference_id!r} exists in several accounts ({names}): name one"
+            )
+        return found[0]
+
+    def list_payments(
+        self, *, account: str | None = None, state: str | None = None
+    ) -> Iterator[PaymentRecord]:
+        """Every payment, optionally of one account and/or in one state."""
+        return self.store.iter_records(account=account, state=state)
+
+    def counts(self, *, account: str | None = None) -> Mapping[str, int]:
+        """Number of payments in each state."""
+        return self.store.count_by_state(account)
 
 
-def validate_currency(value: Any) -> str:
-    """The currency code, upper-cased; only the API's documented codes pass."""
-    if not isinstance(value, str) or value.strip().upper() not in defaults.CURRENCIES:
-        allowed = ", ".join(defaults.CURRENCIES)
-        raise ValidationError("currency", f"{value!r} is not supported (allowed: {allowed})")
-    return value.strip().upper()
+_default: Producer | None = None
 
 
-def validate_redirect_url(value: Any) -> str:
-    """An absolute https URL where the payer returns after paying."""
-    if not isinstance(value, str) or not value.strip():
-        raise ValidationError("redirect_url", "is required: an absolute https:// URL")
-    text = value.strip()
-    if len(text) > MAX_URL_LENGTH:
-        raise ValidationError("redirect_url", f"is longer than {MAX_URL_LENGTH} characters")
-    if any(c.isspace() for c in text) or any(ord(c) < 32 for c in text):
-        raise ValidationError("redirect_url", "must not contain spaces or control characters")
-    try:
-        parts = urlsplit(text)
-        parts.port  # noqa: B018 - raises ValueError on a malformed port
-    except ValueError as exc:
-        raise ValidationError("redirect_url", f"is not a valid URL ({exc})") from None
-    if parts.scheme != "https" or not parts.hostname:
-        raise ValidationError("redirect_url", f"{text!r} is not an absolute https:// URL")
-    return text
+def default_producer() -> Producer:
+    """The process's Producer built from the environment on first use."""
+    global _default
+    if _default is None:
+        _default = Producer.from_settings()
+    return _default
 
 
-def validate_reference_id(value: Any) -> str:
-    """The caller's reference: 1 to REFERENCE_ID_MAX printable characters, no spaces."""
-    if not isinstance(value, str):
-        raise ValidationError("reference_id", f"must be a string, not {type(value).__name__}")
-    if not value:
-        raise ValidationError("reference_id", "must not be empty (omit it to have one generated)")
-    if len(value) > defaults.REFERENCE_ID_MAX:
-        raise ValidationError(
-            "reference_id", f"is longer than {defaults.REFERENCE_ID_MAX} characters"
-        )
-    if any(c.isspace() or not c.isprintable() for c in value):
-        raise ValidationError("reference_id", "must not contain spaces or control characters")
-    return value
-
-
-def validate_payment(
+def submit_payment(
     *,
-    account: Any,
-    amount: Any,
-    currency: Any = "USD",
-    redirect_url: Any,
-    reference_id: Any = None,
-    accounts: Mapping[str, object],
-) -> PaymentSpec:
-    """Check every field of a payment and return it normalised, or raise ValidationError
-    naming the first bad field. ``accounts`` are the configured account aliases."""
-    if not isinstance(account, str) or not account:
-        raise ValidationError("account", "is required: the alias of a configured account")
-    if account not in accounts:
-        raise UnknownAccount(account)
-    return PaymentSpec(
+    account: str,
+    amount: str | int,
+    redirect_url: str,
+    currency: str = "USD",
+    reference_id: str | None = None,
+    producer: Producer | None = None,
+) -> str:
+    """Validate and record a payment for the workers to create and track; returns its
+    reference_id. Settings come from the environment unless a ``producer`` is given."""
+    return (producer or default_producer()).submit_payment(
         account=account,
-        amount=validate_amount(amount),
-        currency=validate_currency(currency),
-        redirect_url=validate_redirect_url(redirect_url),
-        reference_id=(
-            validate_reference_id(reference_id)
-            if reference_id not in (None, "")
-            else new_reference_id()
-        ),
+        amount=amount,
+        redirect_url=redirect_url,
+        currency=currency,
+        reference_id=reference_id,
     )
+
+
+def track_payment(
+    *,
+    account: str,
+    payment_id: str,
+    reference_id: str | None = None,
+    producer: Producer | None = None,
+) -> str:
+    """Track a payment request created elsewhere; returns its reference_id."""
+    return (producer or default_producer()).track_payment(
+        account=account, payment_id=payment_id, reference_id=reference_id
+    )
+
+
+def get_payment(
+    reference_id: str, *, account: str | None = None, producer: Producer | None = None
+) -> PaymentRecord:
+    """The current record of a payment."""
+    return (producer or default_producer()).get_payment(reference_id, account=account)
+
+
+def list_payments(
+    *, account: str | None = None, state: str | None = None, producer: Producer | None = None
+) -> Iterator[PaymentRecord]:
+    """Every payment, optionally filtered."""
+    return (producer or default_producer()).list_payments(account=account, state=state)

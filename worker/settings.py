@@ -178,6 +178,7 @@ class Settings:
     callback_actor: str = ""
     metrics_host: str = defaults.METRICS_HOST
     metrics_port: int = defaults.METRICS_PORT
+    metrics_dir: str = ""
     log_format: str = defaults.LOG_FORMAT
     log_level: str = defaults.LOG_LEVEL
 
@@ -236,6 +237,10 @@ ENV_HELP: dict[str, tuple[Callable[[str], Any], str]] = {
     "callback_actor": (str, "dramatiq actor sent each terminal transition (empty: none)"),
     "metrics_host": (_parse_str, "Address the metrics endpoint binds"),
     "metrics_port": (_parse_port, "Port of the metrics endpoint"),
+    "metrics_dir": (
+        str,
+        "prometheus multiprocess directory (emptied at start; default: a temp dir)",
+    ),
     "log_format": (_parse_log_format, "auto, json or console"),
     "log_level": (_parse_str, "DEBUG, INFO, WARNING or ERROR"),
 }

@@ -147,8 +147,13 @@ class ApiClient:
         redirect_url: str,
         reference_id: str | None = None,
         max_wait: float | None = None,
+        before_send: Callable[[], None] | None = None,
     ) -> PaymentRequest:
         """POST a payment request for ``account`` (an alias) and return what the API made.
+
+        ``before_send`` is called once the rate-limit slot and the token are in hand, right
+        before the request goes on the wire; if it raises, nothing is sent and its exception
+        propagates (the create actor marks the payment "sent" there, see worker/steps.py).
 
         Sent once: never retried here. Raises RejectedInput (400/422), RateLimited, ServerError,
         NotSent (safe to retry), Ambiguous (sent, answer lost: the payment may exist),
@@ -164,7 +169,14 @@ class ApiClient:
         if reference_id is not None:
             body["reference_id"] = reference_id
         return self._authorized(
-            acct, "create", "POST", self._payments, parse_payment, json_body=body, max_wait=max_wait
+            acct,
+            "create",
+            "POST",
+            self._payments,
+            parse_payment,
+            json_body=body,
+            max_wait=max_wait,
+            before_send=before_send,
         )
 
     def get_payment(
@@ -226,6 +238,7 @@ class ApiClient:
         *,
         json_body: Mapping[str, str] | None = None,
         max_wait: float | None = None,
+        before_send: Callable[[], None] | None = None,
     ) -> T:
         """An exchange with the account's bearer token; one renewal after a 401."""
         renewed = False
@@ -245,6 +258,7 @@ class ApiClient:
                     json_body=json_body,
                     max_wait=max_wait,
                     attempt=attempt,
+                    before_send=before_send,
                 )
             except Unauthorized as exc:
                 if exc.status != 401 or renewed:
@@ -274,10 +288,13 @@ class ApiClient:
         form_body: str | None = None,
         max_wait: float | None,
         attempt: int,
+        before_send: Callable[[], None] | None = None,
     ) -> T:
         """One HTTP call: limiter slot, send, bounded read, map, measure, log."""
         # SlotTooFar propagates from here: nothing was sent, nothing is recorded as a call.
         waited = self._limiter.acquire(account.name, account.rate, max_wait=max_wait)
+        if before_send is not None:
+            before_send()
         started = time.perf_counter()
         status: int | None = None
         error: ApiError | None = None

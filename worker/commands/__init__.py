@@ -1,0 +1,1 @@
+"""The sub-commands of ``paypoll`` (see worker/cli.py): one module each."""

@@ -1,0 +1,220 @@
+"""`paypoll worker`: a supervised fleet of dramatiq worker processes on this host.
+
+The parent process prepares the metrics directory, serves ``/metrics`` for the whole fleet,
+starts N worker processes (``spawn``: fresh interpreters, so prometheus-client's multiprocess
+mode is on in each), restarts any that dies, and on SIGTERM/SIGINT stops them all gracefully.
+Each worker process runs a dramatiq Worker with M threads on paypoll's two queues and a
+SweeperThread (only one sweeper in the whole fleet holds the lock at a time). Workers are
+stateless: any number of fleets on any number of hosts can share one Redis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from types import FrameType
+
+import structlog
+
+from worker.settings import Settings
+
+log = structlog.get_logger("paypoll.fleet")
+
+STOP_TIMEOUT = 30.0  # seconds a worker process gets to finish its steps before SIGKILL
+RESTART_BACKOFF_MAX = 30.0  # seconds between restarts of a worker that keeps dying at start
+QUICK_DEATH = 5.0  # seconds: a process dying sooner than this after start backs off
+PR_SET_PDEATHSIG = 1  # prctl option: the kernel signals the child when its parent dies
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this process when its parent dies, so no worker outlives a
+    SIGKILLed fleet. A no-op elsewhere."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def worker_process_main(settings: Settings, threads: int, index: int) -> None:
+    """Body of one worker process: dramatiq Worker + sweeper until SIGTERM/SIGINT."""
+    _die_with_parent()
+    from dramatiq import Worker
+
+    from worker.actors import QUEUES, build_broker, callback_sender, declare_actors, install_runtime
+    from worker.logs import configure_logging
+    from worker.runtime import Runtime
+    from worker.sweeper import Sweeper, SweeperThread
+
+    configure_logging(fmt=settings.log_format, level=settings.log_level)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    runtime = Runtime.build(settings)
+    broker = build_broker(settings)
+    actors = declare_actors(broker, settings)
+    if settings.callback_actor:
+        runtime.on_final = callback_sender(broker, settings.callback_actor)
+    install_runtime(runtime)
+    worker = Worker(broker, queues=set(QUEUES), worker_threads=threads, worker_timeout=250)
+    worker.start()
+    sweeper = SweeperThread(
+        Sweeper(settings=settings, store=runtime.store, send=actors.send),
+        redis_client=runtime.redis,
+    )
+    sweeper.start()
+    log.info("worker.started", index=index, pid=os.getpid(), threads=threads)
+    stop.wait()
+    log.info("worker.stopping", index=index, pid=os.getpid())
+    sweeper.stop()
+    worker.stop(timeout=int(STOP_TIMEOUT * 1000))
+    sweeper.join(timeout=5)
+    broker.close()
+    log.info("worker.stopped", index=index, pid=os.getpid())
+
+
+@dataclass
+class _Slot:
+    index: int
+    process: BaseProcess | None = None
+    started: float = 0.0
+    quick_deaths: int = 0
+    restart_at: float = 0.0
+
+
+@dataclass
+class Fleet:
+    """N worker processes under supervision, plus the metrics endpoint."""
+
+    settings: Settings
+    processes: int
+    threads: int
+    serve_metrics: bool = True
+    slots: list[_Slot] = field(default_factory=list)
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT (or :meth:`stop`); returns the exit status."""
+        from worker.collectors import AccountLimitsCollector, StoreCollector
+        from worker.connection import connect_redis
+        from worker.errors import ConfigError
+        from worker.exporter import (
+            MULTIPROC_ENV,
+            mark_process_dead,
+            prepare_multiprocess_dir,
+            start_exporter,
+        )
+        from worker.keys import Keys
+
+        made_dir = not self.settings.metrics_dir
+        directory = Path(self.settings.metrics_dir or tempfile.mkdtemp(prefix="paypoll-metrics-"))
+        path = prepare_multiprocess_dir(directory)
+        os.environ[MULTIPROC_ENV] = str(path)
+        exporter = None
+        if self.serve_metrics:
+            from worker.actors import QUEUES
+
+            collectors = [
+                StoreCollector(
+                    redis=connect_redis(self.settings.redis_url),
+                    keys=Keys(self.settings.key_prefix),
+                    namespace=self.settings.namespace,
+                    queues=QUEUES,
+                ),
+                AccountLimitsCollector.from_accounts(self.settings.accounts.values()),
+            ]
+            try:
+                exporter = start_exporter(
+                    host=self.settings.metrics_host,
+                    port=self.settings.metrics_port,
+                    multiprocess_dir=path,
+                    collectors=collectors,
+                )
+            except ConfigError:
+                if made_dir:
+                    shutil.rmtree(path, ignore_errors=True)
+                raise
+            log.info("metrics.serving", url=exporter.url)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.stopping.set())
+        ctx = multiprocessing.get_context("spawn")
+        self.slots = [_Slot(index=i) for i in range(self.processes)]
+        try:
+            for slot in self.slots:
+                self._start(ctx, slot)
+            while not self.stopping.is_set():
+                sentinels = [s.process.sentinel for s in self.slots if s.process is not None]
+                multiprocessing.connection.wait(sentinels, timeout=0.5)
+                now = time.monotonic()
+                for slot in self.slots:
+                    proc = slot.process
+                    if proc is not None and not proc.is_alive():
+                        mark_process_dead(proc.pid or 0, path)
+                        quick = now - slot.started < QUICK_DEATH
+                        slot.quick_deaths = slot.quick_deaths + 1 if quick else 0
+                        delay = min(RESTART_BACKOFF_MAX, 0.5 * 2**slot.quick_deaths) if quick else 0
+                        log.error(
+                            "worker.died",
+                            index=slot.index,
+                            pid=proc.pid,
+                            exitcode=proc.exitcode,
+                            restart_in=delay,
+                        )
+                        slot.process = None
+                        slot.restart_at = now + delay
+                    if (
+                        slot.process is None
+                        and now >= slot.restart_at
+                        and not self.stopping.is_set()
+                    ):
+                        self._start(ctx, slot)
+        finally:
+            self._stop_all(mark_process_dead, path)
+            if exporter is not None:
+                exporter.stop()
+            if made_dir:
+                shutil.rmtree(path, ignore_errors=True)
+        return 0
+
+    def stop(self) -> None:
+        """Ask the fleet to stop (as SIGTERM does)."""
+        self.stopping.set()
+
+    def _start(self, ctx: multiprocessing.context.BaseContext, slot: _Slot) -> None:
+        proc = ctx.Process(  # type: ignore[attr-defined]
+            target=worker_process_main,
+            args=(self.settings, self.threads, slot.index),
+            name=f"paypoll-worker-{slot.index}",
+        )
+        proc.start()
+        slot.process = proc
+        slot.started = time.monotonic()
+        log.info("worker.spawned", index=slot.index, pid=proc.pid)
+
+    def _stop_all(self, mark_dead: object, path: Path) -> None:
+        alive = [s.process for s in self.slots if s.process is not None and s.process.is_alive()]
+        for proc in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid or 0, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT + 5
+        for proc in alive:
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.error("worker.kill", pid=proc.pid)
+                proc.kill()
+                proc.join(5)

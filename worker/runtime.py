@@ -1,0 +1,60 @@
+"""Runtime: the objects one paypoll process works with, built once from Settings."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from redis import Redis
+
+from worker.api.client import ApiClient
+from worker.connection import connect_redis
+from worker.keys import Keys
+from worker.ratelimit import RateLimiter
+from worker.schedule import PollSchedule
+from worker.settings import Settings
+from worker.store import PaymentStore
+
+
+@dataclass
+class Runtime:
+    """Settings plus the Redis client, store, limiter, API client and schedule built on them."""
+
+    settings: Settings
+    redis: Redis
+    keys: Keys
+    store: PaymentStore
+    limiter: RateLimiter
+    client: ApiClient
+    schedule: PollSchedule
+    rng: random.Random = field(default_factory=random.Random)
+    on_final: Callable[[str, str, str], None] | None = None
+    """Called with (account, reference_id, state) after a payment reaches a final state."""
+
+    @classmethod
+    def build(cls, settings: Settings, *, redis_client: Redis | None = None) -> Runtime:
+        """Everything a worker or producer process needs, sharing one connection pool."""
+        client = redis_client if redis_client is not None else connect_redis(settings.redis_url)
+        keys = Keys(settings.key_prefix)
+        limiter = RateLimiter(
+            redis=client,
+            keys=keys,
+            margin=settings.rate_margin,
+            max_wait=settings.max_wait,
+            penalty_default=settings.penalty_default,
+        )
+        return cls(
+            settings=settings,
+            redis=client,
+            keys=keys,
+            store=PaymentStore(redis=client, keys=keys, events_maxlen=settings.events_maxlen),
+            limiter=limiter,
+            client=ApiClient(settings=settings, redis=client, limiter=limiter, keys=keys),
+            schedule=PollSchedule(
+                first_delay=settings.poll_first_delay,
+                factor=settings.poll_factor,
+                max_delay=settings.poll_max_delay,
+                tracking_timeout=settings.tracking_timeout,
+            ),
+        )

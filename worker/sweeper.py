@@ -1,0 +1,170 @@
+"""The sweeper: paypoll's durable timer, and the guarantee that no payment is forgotten.
+
+Every active payment has one entry in its account's schedule in Redis (see worker/store): a due
+time, or a lease while a worker runs its step. Each pass, for each account, one Lua call
+(``claim.lua``) puts back steps whose lease ran out (a lost message, a killed worker), then claims
+the due steps, creates first, up to a budget of steps in flight per account; the sweeper sends one
+dramatiq message per claimed step. The budget keeps the queues short (about what the account's
+rate can serve while a worker may wait for a slot), so polls are dispatched near their due time
+however many payments are in tracking, and no worker holds thousands of delayed messages.
+
+One sweeper runs at a time in the whole fleet: each worker process runs a SweeperThread that
+takes a Redis lock; the holder renews it every pass, and when it dies another takes over within
+the lock's TTL.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import redis
+import structlog
+
+from worker import defaults
+from worker.settings import Settings
+from worker.store import PaymentStore
+
+log = structlog.get_logger("paypoll.sweeper")
+
+LOCK_TTL_PASSES = 20  # the lock outlives this many missed passes before another process takes it
+MIN_LOCK_TTL = 3.0  # seconds
+HEARTBEAT_EVERY = 2.0  # seconds between two heartbeats of a worker process
+HEARTBEAT_FORGET = 3600.0  # seconds after which a silent process is dropped from the set
+
+# Renew the lock only if we still hold it; take it when free. Returns 1 when held afterwards.
+_LOCK_SCRIPT = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+_UNLOCK_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def inflight_budget(rate: float, max_wait: float, interval: float) -> int:
+    """Steps of one account worth having in flight: what its rate serves while a step waits up
+    to ``max_wait`` for its slot and the next pass comes ``interval`` later, plus slack."""
+    return max(2, math.ceil(rate * (max_wait + 2 * interval)) + 2)
+
+
+@dataclass
+class PassResult:
+    """What one sweep pass did."""
+
+    dispatched_creates: int = 0
+    dispatched_tracks: int = 0
+    recovered: int = 0
+    most_overdue: float = 0.0
+
+
+class Sweeper:
+    """Claims due steps per account and hands them to ``send(step, account, reference_id)``."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: PaymentStore,
+        send: Callable[[str, str, str], None],
+        batch: int = defaults.SWEEP_BATCH,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.send = send
+        self.batch = batch
+
+    def accounts(self) -> Iterable[str]:
+        """Configured accounts: only these can be served by this fleet's credentials."""
+        return self.settings.accounts.keys()
+
+    def run_pass(self) -> PassResult:
+        """One pass over every account; returns the counts."""
+        result = PassResult()
+        s = self.settings
+        for account in self.accounts():
+            budget = inflight_budget(s.accounts[account].rate, s.max_wait, s.sweep_interval)
+            claim = self.store.claim_due(
+                account, budget=budget, lease=s.sweep_grace, batch=self.batch
+            )
+            if claim.recovered:
+                log.warning("sweeper.recovered", account=account, steps=claim.recovered)
+            for ref in claim.creates:
+                self.send("create", account, ref)
+            for ref in claim.tracks:
+                self.send("track", account, ref)
+            result.dispatched_creates += len(claim.creates)
+            result.dispatched_tracks += len(claim.tracks)
+            result.recovered += claim.recovered
+            result.most_overdue = max(result.most_overdue, claim.most_overdue)
+        return result
+
+
+class SweeperThread(threading.Thread):
+    """Runs a Sweeper every ``interval`` while this process holds the fleet's sweeper lock,
+    and writes this process's heartbeat."""
+
+    def __init__(self, sweeper: Sweeper, *, redis_client: redis.Redis) -> None:
+        super().__init__(name="paypoll-sweeper", daemon=True)
+        self.sweeper = sweeper
+        self.redis = redis_client
+        self.keys = sweeper.store.keys
+        self.interval = sweeper.settings.sweep_interval
+        self.identity = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.lock_ttl_ms = int(max(MIN_LOCK_TTL, self.interval * LOCK_TTL_PASSES) * 1000)
+        self.stopping = threading.Event()
+        self._lock = self.redis.register_script(_LOCK_SCRIPT)
+        self._unlock = self.redis.register_script(_UNLOCK_SCRIPT)
+        self.holding = False
+
+    def stop(self) -> None:
+        """Ask the thread to finish its pass and give up the lock."""
+        self.stopping.set()
+
+    def run(self) -> None:
+        last_beat = 0.0
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            try:
+                if started - last_beat >= HEARTBEAT_EVERY:
+                    self._heartbeat()
+                    last_beat = started
+                self.holding = bool(
+                    self._lock(
+                        keys=[self.keys.sweeper_lock()], args=[self.identity, self.lock_ttl_ms]
+                    )
+                )
+                if self.holding:
+                    self.sweeper.run_pass()
+            except redis.RedisError as exc:
+                # Redis restarting or unreachable: keep trying; the schedule lives in Redis.
+                log.warning("sweeper.redis_unavailable", error=str(exc))
+                self.stopping.wait(1.0)
+            except Exception:
+                log.exception("sweeper.pass_failed")
+                self.stopping.wait(1.0)
+            self.stopping.wait(max(0.0, self.interval - (time.monotonic() - started)))
+        try:
+            self._unlock(keys=[self.keys.sweeper_lock()], args=[self.identity])
+            self.redis.zrem(self.keys.heartbeat(), self.identity)
+        except redis.RedisError:
+            pass
+
+    def _heartbeat(self) -> None:
+        seconds, micros = self.redis.time()
+        now = seconds + micros / 1e6
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(self.keys.heartbeat(), {self.identity: now})
+        pipe.zremrangebyscore(self.keys.heartbeat(), "-inf", now - HEARTBEAT_FORGET)
+        pipe.execute()
