@@ -226,6 +226,13 @@ def test_429_in_each_limit_mode(sandbox_factory: Factory, mode: str) -> None:
     assert get(sb, headers, "pr_x").status_code == 404
 
 
+def test_token_call_with_wrong_secret_counts_for_its_client_id(sandbox_factory: Factory) -> None:
+    sb = sandbox_factory(rate=2)
+    assert token_response(sb, "sandbox-client", "wrong").status_code == 403
+    assert token_response(sb, "sandbox-client", "wrong").status_code == 403
+    assert token_response(sb, "sandbox-client").status_code == 429
+
+
 def test_bucket_refills_at_rate(sandbox_factory: Factory) -> None:
     sb = sandbox_factory(rate=5, limit_mode="bucket")
     headers = bearer(sb, "sandbox-client")
@@ -368,6 +375,27 @@ def test_dropped_create_exists_but_client_gets_no_answer(sandbox_factory: Factor
     }
     # The payment can be fetched: it really exists.
     assert get(sb, headers, dropped["payment_id"]).status_code == 200
+    # On a reused keep-alive connection too, the client sees a connection error.
+    with requests.Session() as session:
+        assert (
+            session.get(f"{sb.url}/payments/request/x", headers=headers, timeout=5).status_code
+            == 404
+        )
+        with pytest.raises(requests.ConnectionError):
+            session.post(f"{sb.url}/payments/request", json=BODY, headers=headers, timeout=5)
+    assert len(sb.stats()["dropped_creates"]) == 2
+
+
+def test_fault_draws_are_seeded(sandbox_factory: Factory) -> None:
+    def statuses(seed: int) -> list[int]:
+        sb = sandbox_factory(rate=1000, error_rate="get=0.5", seed=seed)
+        headers = bearer(sb, "sandbox-client")
+        return [get(sb, headers, "nope").status_code for _ in range(24)]
+
+    first = statuses(11)
+    assert first == statuses(11)
+    assert {404} < set(first)  # some faults, some processed
+    assert first != statuses(12)
 
 
 def test_malformed_answers_are_processed(sandbox_factory: Factory) -> None:

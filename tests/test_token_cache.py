@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tests.redis_server import free_port
 from tests.sandbox_fixture import running_sandbox
@@ -198,7 +200,12 @@ def test_invalidate_only_removes_the_same_token(cache_parts: tuple[redis.Redis, 
 
 
 def test_redis_down_is_not_sent(keys: Keys) -> None:
-    dead = redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5)
+    dead = redis.Redis(
+        host="127.0.0.1",
+        port=free_port(),
+        socket_connect_timeout=0.5,
+        retry=Retry(NoBackoff(), 0),
+    )
     calls: list[float] = []
     cache = TokenCache(redis=dead, keys=keys, fetch=_fixed_fetch(calls))
     with pytest.raises(NotSent) as caught:

@@ -90,8 +90,10 @@ def read_rows(raw: IO[bytes], fmt: str) -> Iterator[tuple[int, Mapping[str, Any]
                 continue
             try:
                 row = json.loads(text)
-            except ValueError as exc:
+            except json.JSONDecodeError as exc:
                 yield number, RowError(number, "json", f"not valid JSON ({exc.msg})")
+            except ValueError as exc:  # e.g. a number too long to convert
+                yield number, RowError(number, "json", f"not valid JSON ({exc})")
                 continue
             if not isinstance(row, dict):
                 yield number, RowError(number, "json", "each line must be one JSON object")

@@ -91,7 +91,7 @@ class Progress:
 
 
 def _submit_file(producer: object, args: argparse.Namespace) -> int:
-    from worker.importer import detect_format, load_file
+    from worker.importer import RowError, detect_format, load_file
     from worker.producer import Producer
 
     assert isinstance(producer, Producer)
@@ -132,7 +132,7 @@ def _submit_file(producer: object, args: argparse.Namespace) -> int:
     for spec, outcome in zip(result.specs, outcomes, strict=True):
         done += 1
         if isinstance(outcome, ValidationError):
-            result.errors.append(_late_error(spec.reference_id, outcome))
+            result.errors.append(RowError(0, outcome.field, outcome.reason))
             print(f"refused {spec.account}/{spec.reference_id}: {outcome}", file=sys.stderr)
         elif outcome:
             new += 1
@@ -143,7 +143,7 @@ def _submit_file(producer: object, args: argparse.Namespace) -> int:
     progress.close()
     seconds = time.monotonic() - started
     summary = {
-        "rows": result.rows + sum(1 for e in result.errors if e.field in ("json", "csv")),
+        "valid": len(result.specs),
         "submitted": new,
         "already_submitted": existing,
         "refused": len(result.errors),
@@ -159,7 +159,3 @@ def _submit_file(producer: object, args: argparse.Namespace) -> int:
     return 1 if result.errors else 0
 
 
-def _late_error(reference_id: str, exc: ValidationError) -> object:
-    from worker.importer import RowError
-
-    return RowError(0, exc.field, exc.reason)
