@@ -5,6 +5,7 @@ Every error class is produced by a real answer (or a real socket), never by a mo
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
@@ -543,5 +544,6 @@ def test_no_secret_or_token_in_logs_or_errors(
     assert sum(1 for line in lines if line.get("event") == "api.request") >= 8
     assert any(line.get("logger", "").startswith("urllib3") for line in lines)
     everything = output + "\n".join(texts)
-    for secret in (SECRET, "another-wrong-secret-xyz", *tokens):
+    basic = base64.b64encode(f"{CLIENT_ID}:{SECRET}".encode()).decode()
+    for secret in (SECRET, "another-wrong-secret-xyz", basic, *tokens):
         assert secret not in everything

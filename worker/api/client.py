@@ -153,7 +153,8 @@ class ApiClient:
 
         ``before_send`` is called once the rate-limit slot and the token are in hand, right
         before the request goes on the wire; if it raises, nothing is sent and its exception
-        propagates (the create actor marks the payment "sent" there, see worker/steps.py).
+        propagates (the create actor marks the payment "sent" there, see worker/steps.py). It
+        runs before each attempt: twice when a 401 forced one token renewal.
 
         Sent once: never retried here. Raises RejectedInput (400/422), RateLimited, ServerError,
         NotSent (safe to retry), Ambiguous (sent, answer lost: the payment may exist),
