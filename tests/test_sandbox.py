@@ -509,3 +509,57 @@ def test_running_sandbox_stops_its_process() -> None:
         assert requests.get(f"{sb.url}/_admin/health", timeout=5).json() == {"ok": True}
         process = sb.process
     assert process.poll() is not None
+
+
+# ---------------------------------------------------------------- pure parts, exact clocks
+def test_sliding_window_algorithm_exact_boundaries() -> None:
+    from worker.sandbox.ratelimit import SlidingWindow, retry_after_seconds
+
+    limiter = SlidingWindow(2)
+    assert limiter.try_acquire(100.0) is None
+    assert limiter.try_acquire(100.5) is None
+    assert limiter.try_acquire(100.9) == pytest.approx(0.1)  # refused: not counted
+    assert limiter.try_acquire(101.0) is None  # 100.0 left the window (100.0, 101.0]
+    assert limiter.try_acquire(101.2) == pytest.approx(0.3)
+    assert retry_after_seconds(0.3) == 1
+    assert retry_after_seconds(1.2) == 2
+
+
+def test_fixed_and_bucket_algorithms() -> None:
+    from worker.sandbox.ratelimit import FixedWindow, TokenBucket
+
+    fixed = FixedWindow(2)
+    assert fixed.try_acquire(10.8) is None
+    assert fixed.try_acquire(10.9) is None
+    assert fixed.try_acquire(10.95) == pytest.approx(0.05)
+    assert fixed.try_acquire(11.0) is None  # a new calendar second: 3 within 0.2 s
+    bucket = TokenBucket(2)
+    assert bucket.try_acquire(0.0) is None
+    assert bucket.try_acquire(0.0) is None
+    assert bucket.try_acquire(0.1) == pytest.approx(0.4)  # 0.2 token, 0.8 missing at 2/s
+    assert bucket.try_acquire(0.5) is None
+
+
+def test_window_max_is_exact_even_when_the_clock_steps_back() -> None:
+    from worker.sandbox.stats import WindowMax
+
+    window = WindowMax()
+    for at in (0.0, 0.5, 0.99, 1.0, 1.5, 3.0):
+        window.add(at)
+    assert window.maximum == 3  # (0.0, 1.0] holds 0.5, 0.99, 1.0: 0.0 is out
+    window.add(0.7)  # the wall clock stepped back
+    assert window.maximum == 4  # (0.0, 1.0] and (0.5, 1.5] now hold four each
+
+
+def test_notation_parsers() -> None:
+    from worker.sandbox.notation import parse_outcomes, parse_per_endpoint, parse_range
+
+    assert parse_range("0.5:2") == (0.5, 2.0)
+    assert parse_range("3") == (3.0, 3.0)
+    with pytest.raises(ValueError, match="MIN <= MAX"):
+        parse_range("2:1")
+    assert parse_outcomes("paid=3,cancelled=1") == {"paid": 0.75, "expired": 0.0, "cancelled": 0.25}
+    assert parse_per_endpoint("get=0.5", float, 0.0) == {"token": 0.0, "create": 0.0, "get": 0.5}
+    assert parse_per_endpoint("0.1", float, 0.0) == dict.fromkeys(("token", "create", "get"), 0.1)
+    with pytest.raises(ValueError, match="unknown endpoint"):
+        parse_per_endpoint("poll=0.5", float, 0.0)
