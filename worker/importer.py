@@ -92,6 +92,7 @@ def read_rows(raw: IO[bytes], fmt: str) -> Iterator[tuple[int, Mapping[str, Any]
                 row = json.loads(text)
             except json.JSONDecodeError as exc:
                 yield number, RowError(number, "json", f"not valid JSON ({exc.msg})")
+                continue
             except ValueError as exc:  # e.g. a number too long to convert
                 yield number, RowError(number, "json", f"not valid JSON ({exc})")
                 continue

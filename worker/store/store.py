@@ -165,9 +165,7 @@ class PaymentStore:
                 "payment_id",
                 payment_id,
                 "created_at",
-                "",
-                "phase",
-                "",
+                NOW,
             ],
         )
         if int(reply[0]) == 1:
