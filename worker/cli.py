@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "list": "worker.commands.listing",
     "resolve": "worker.commands.resolve",
     "sandbox": "worker.sandbox.cli",
+    "demo": "worker.demo.cli",
 }
 
 
