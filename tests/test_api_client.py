@@ -6,6 +6,7 @@ Every error class is produced by a real answer (or a real socket), never by a mo
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -17,11 +18,14 @@ from typing import Any
 import pytest
 import redis
 import structlog
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tests.redis_server import free_port
 from tests.sandbox_fixture import RunningSandbox, sandbox_factory
 from tests.waiting import wait_until
 from worker.api import ApiClient, MalformedCreateResponse, PaymentRequest
+from worker.api.client import MAX_BODY
 from worker.errors import (
     Ambiguous,
     ApiError,
@@ -406,16 +410,27 @@ def test_malformed_token_answer(sandbox_factory: Factory, make_client: Callable[
     assert sandbox.client_stats(CLIENT_ID)["requests"] == {"POST /oauth/token": {"200": 1}}
 
 
-class ClosingServer:
-    """A real socket server: answers the token call, then closes every other connection after
-    reading its request (what a server crash or a stale keep-alive connection looks like)."""
+class ScriptedServer:
+    """A real socket server: answers the token call, then treats every other request by
+    ``mode``: ``close`` reads it and closes the connection without an answer (a crash, or a
+    stale keep-alive connection), ``huge`` answers 200 with a body larger than MAX_BODY."""
 
-    def __init__(self) -> None:
+    def __init__(self, mode: str = "close") -> None:
+        self.mode = mode
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.requests: list[str] = []
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def _answer(conn: socket.socket, body: bytes) -> None:
+        head = (
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        with contextlib.suppress(OSError):  # the client may stop reading a huge body
+            conn.sendall(head.encode() + body)
 
     def _serve(self) -> None:
         while True:
@@ -433,32 +448,25 @@ class ClosingServer:
                 line = data.split(b"\r\n", 1)[0].decode()
                 self.requests.append(line)
                 if line.startswith("POST /oauth/token"):
-                    body = json.dumps(
-                        {
-                            "access_token": "closing-tok-123456",
-                            "expires_in": 60,
-                            "token_type": "Bearer",
-                        }
-                    ).encode()
-                    head = (
-                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-                    )
-                    conn.sendall(head.encode() + body)
+                    token = {"access_token": "scripted-tok-123456", "expires_in": 60}
+                    self._answer(conn, json.dumps({**token, "token_type": "Bearer"}).encode())
+                elif self.mode == "huge":
+                    padding = "x" * (MAX_BODY + 10)
+                    self._answer(conn, json.dumps({"id": "pr_1", "pad": padding}).encode())
 
     def close(self) -> None:
         self.sock.close()
 
 
 @pytest.fixture
-def closing_server() -> Iterator[ClosingServer]:
-    server = ClosingServer()
+def closing_server() -> Iterator[ScriptedServer]:
+    server = ScriptedServer("close")
     yield server
     server.close()
 
 
 def test_server_closing_without_answer(
-    closing_server: ClosingServer, make_client: Callable[..., Any]
+    closing_server: ScriptedServer, make_client: Callable[..., Any]
 ) -> None:
     client, limiter = make_client(closing_server.url)
     with pytest.raises(Ambiguous) as on_create:
@@ -473,6 +481,64 @@ def test_server_closing_without_answer(
     # A GET is retried once on a closed connection (stale keep-alive), through the limiter.
     assert closing_server.requests == ["GET /payments/request/pr_1 HTTP/1.1"] * 2
     assert len(limiter.acquired) == 4  # token, create, get, get again
+
+
+def test_huge_body_is_malformed(make_client: Callable[..., Any]) -> None:
+    server = ScriptedServer("huge")
+    try:
+        client, _ = make_client(server.url)
+        with pytest.raises(MalformedResponse) as caught:
+            client.get_payment("acme", "pr_1")
+    finally:
+        server.close()
+    assert "larger than" in caught.value.message
+    assert caught.value.endpoint == "get"
+
+
+def test_threads_share_the_pool_and_one_token(
+    sandbox_factory: Factory,
+    make_client: Callable[..., Any],
+    redis_client: redis.Redis,
+    key_prefix: str,
+) -> None:
+    sandbox = _start(sandbox_factory, latency="token=100:100")
+    client, _ = make_client(sandbox.url)
+    created = _create(client)
+    current = redis_client.get(Keys(key_prefix).token("acme"))
+    assert current is not None
+    assert client.tokens.invalidate("acme", current.decode())  # as after a 401
+    results: list[str] = []
+    errors: list[BaseException] = []
+
+    def poll() -> None:
+        try:
+            for _ in range(5):
+                results.append(client.get_payment("acme", created.id).id)
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=poll) for _ in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    assert results == [created.id] * 160
+    stats = sandbox.client_stats(CLIENT_ID)
+    assert stats["token_calls"] == 2  # the first, and one renewal shared by 32 threads
+    assert stats["requests"]["GET /payments/request/{id}"] == {"200": 160}
+
+
+def test_limiter_redis_down_is_not_sent(
+    sandbox_factory: Factory, make_client: Callable[..., Any], key_prefix: str
+) -> None:
+    sandbox = _start(sandbox_factory)
+    dead = redis.Redis(port=free_port(), retry=Retry(NoBackoff(), 0))
+    client, _ = make_client(sandbox.url, limiter=RateLimiter(redis=dead, keys=Keys(key_prefix)))
+    with pytest.raises(NotSent) as caught:
+        _create(client)
+    assert caught.value.endpoint == "token"
+    assert sandbox.client_stats(CLIENT_ID) == {}
 
 
 # --- no secret anywhere -------------------------------------------------------------------------

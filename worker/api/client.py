@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import requests
 import structlog
-from redis import Redis
+from redis import Redis, RedisError
 
 from worker import metrics
 from worker.api.auth import IssuedToken, TokenCache
@@ -29,6 +29,7 @@ from worker.api.transport import is_connection_aborted, process_session, transpo
 from worker.errors import (
     ApiError,
     MalformedResponse,
+    NotSent,
     RateLimited,
     TransportError,
     Unauthorized,
@@ -293,7 +294,14 @@ class ApiClient:
     ) -> T:
         """One HTTP call: limiter slot, send, bounded read, map, measure, log."""
         # SlotTooFar propagates from here: nothing was sent, nothing is recorded as a call.
-        waited = self._limiter.acquire(account.name, account.rate, max_wait=max_wait)
+        try:
+            waited = self._limiter.acquire(account.name, account.rate, max_wait=max_wait)
+        except RedisError as exc:
+            raise NotSent(
+                f"the rate limiter's Redis failed, nothing was sent ({type(exc).__name__})",
+                account=account.name,
+                endpoint=endpoint,
+            ) from exc
         if before_send is not None:
             before_send()
         started = time.perf_counter()
@@ -346,7 +354,15 @@ class ApiClient:
         except ApiError as exc:
             error = exc
             if isinstance(exc, RateLimited):
-                self._limiter.penalize(account.name, exc.retry_after)
+                try:
+                    self._limiter.penalize(account.name, exc.retry_after)
+                except RedisError as redis_exc:
+                    # The 429 is what the caller must see; the fleet-wide pause is best effort.
+                    log.warning(
+                        "api.penalize_failed",
+                        account=account.name,
+                        error=type(redis_exc).__name__,
+                    )
             raise
         finally:
             seconds = time.perf_counter() - started
