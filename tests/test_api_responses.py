@@ -29,6 +29,7 @@ from worker.errors import (
     ServerError,
     Unauthorized,
 )
+from worker.logs import register_secret
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -260,3 +261,11 @@ def test_terminal_statuses(status: str, terminal: bool) -> None:
 def test_payment_rejects_wrong_shapes(data: object) -> None:
     with pytest.raises(BadPayload):
         parse_payment(data)
+
+
+def test_secrets_echoed_by_the_server_are_redacted() -> None:
+    register_secret("echoed-token-abcdef123")
+    parsed = parse_error_body(
+        _json({"message": "bad token echoed-token-abcdef123 in Authorization: Bearer xyz"})
+    )
+    assert parsed.message == "bad token [REDACTED] in Authorization: Bearer [REDACTED]"

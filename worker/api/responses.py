@@ -28,6 +28,7 @@ from worker.errors import (
     ServerError,
     Unauthorized,
 )
+from worker.logs import redact_text
 
 #: Longest error message kept from a body: enough for any real message, not a whole HTML page.
 MESSAGE_MAX = 500
@@ -56,8 +57,12 @@ class ErrorBody:
 
 
 def _clean(text: str) -> str:
-    """One line, without control characters, at most MESSAGE_MAX characters."""
-    text = _CONTROL.sub(" ", text).strip()
+    """One line, without control characters or known secrets, at most MESSAGE_MAX characters.
+
+    Redacted because a server may echo what it was sent (a token, a form body) in its error,
+    and this text ends up in exception messages.
+    """
+    text = redact_text(_CONTROL.sub(" ", text).strip())
     return text if len(text) <= MESSAGE_MAX else text[: MESSAGE_MAX - 1] + "…"
 
 
