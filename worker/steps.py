@@ -97,6 +97,7 @@ def run_create(rt: Runtime, account: str, reference_id: str) -> str:
 
     Returns what happened, for the job's log and metrics.
     """
+    structlog.contextvars.unbind_contextvars("payment_id")
     structlog.contextvars.bind_contextvars(account=account, reference_id=reference_id)
     rec = rt.store.get(account, reference_id)
     if rec is None or rec.state not in (State.QUEUED, State.CREATING):
@@ -110,8 +111,12 @@ def run_create(rt: Runtime, account: str, reference_id: str) -> str:
     marked = False
 
     def mark_sent() -> None:
-        # The compare-and-set that makes a create at-most-once across redeliveries.
+        # The compare-and-set that makes a create at-most-once across redeliveries. The client
+        # calls this again when it retries after a 401 (the API refused the first request, so
+        # nothing was made): this step already holds the mark then.
         nonlocal marked
+        if marked:
+            return
         moved = rt.store.transition(
             account,
             reference_id,
@@ -288,6 +293,7 @@ def _settle_interrupted_create(rt: Runtime, rec: PaymentRecord) -> str:
 
 def run_track(rt: Runtime, account: str, reference_id: str) -> str:
     """Poll the payment of (account, reference_id) once and schedule the next poll or finish."""
+    structlog.contextvars.unbind_contextvars("payment_id")
     structlog.contextvars.bind_contextvars(account=account, reference_id=reference_id)
     rec = rt.store.get(account, reference_id)
     if rec is None or rec.state != State.PENDING:
