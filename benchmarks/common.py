@@ -1,0 +1,376 @@
+"""Shared parts of the payment-pipeline benchmarks (polling.py, scale.py, throughput.py).
+
+Each benchmark runs real parts on this machine: a private redis-server (never the shared one at
+6379), the sandbox as a process on a free port, and the worker fleet (`paypoll worker`) as a
+process whose worker children are measured from /proc. Nothing here is a test: these helpers
+start things, measure them and write figures into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.redis_server import RedisServer, free_port  # noqa: E402
+from tests.sandbox_fixture import RunningSandbox  # noqa: E402
+
+DOCS = ROOT / "docs" / "benchmarks.md"
+PYTHON = sys.executable
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PIPELINE_HEADING = "## Payment pipeline"
+PIPELINE_INTRO = (
+    "Benchmarks of the whole pipeline (sweeper, dramatiq workers, limiter, store, API client) "
+    "against the sandbox, each with a private redis-server, all on the same machine. Each "
+    "subsection is written by its script with `--write-docs`."
+)
+
+
+# --- machine ----------------------------------------------------------------------------------
+def machine() -> str:
+    """One line: cores, Python, Redis version, and the load average when the run started."""
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    redis_version = (
+        subprocess.run(["redis-server", "--version"], capture_output=True, text=True, check=False)
+        .stdout.split()[2]
+        .removeprefix("v=")
+    )
+    return (
+        f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, redis {redis_version}; "
+        f"load average at start {' '.join(load)} (other engineers' work may be running)"
+    )
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) by nearest rank; NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def window_max(times: Sequence[float], start: float, end: float) -> int:
+    """The most timestamps in any window (t - 1 s, t] among ``times`` within [start, end]."""
+    inside = sorted(t for t in times if start <= t <= end)
+    best = low = 0
+    for high, at in enumerate(inside):
+        while inside[low] <= at - 1.0:
+            low += 1
+        best = max(best, high - low + 1)
+    return best
+
+
+# --- accounts ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BenchAccount:
+    name: str
+    client_id: str
+    secret: str
+
+
+def make_accounts(count: int) -> list[BenchAccount]:
+    """``count`` accounts named acc000..., with sandbox client ids and throwaway secrets."""
+    return [
+        BenchAccount(f"acc{i:03d}", f"client{i:03d}", f"secret-{i:03d}-bench") for i in range(count)
+    ]
+
+
+def write_accounts_file(accounts: Sequence[BenchAccount], rate: float, directory: Path) -> Path:
+    """An accounts TOML (mode 600, as settings require) for PAYPOLL_ACCOUNTS_FILE."""
+    path = directory / "accounts.toml"
+    lines = []
+    for a in accounts:
+        lines += [
+            f"[accounts.{a.name}]",
+            f'client_id = "{a.client_id}"',
+            f'client_secret = "{a.secret}"',
+            f"rate = {rate}",
+            "",
+        ]
+    path.write_text("\n".join(lines))
+    path.chmod(0o600)
+    return path
+
+
+def sandbox_clients(accounts: Sequence[BenchAccount]) -> list[str]:
+    return [f"{a.client_id}:{a.secret}" for a in accounts]
+
+
+# --- the stack --------------------------------------------------------------------------------
+@dataclass
+class Stack:
+    """A private Redis, a sandbox and the environment a fleet needs to use both."""
+
+    redis: RedisServer
+    sandbox: RunningSandbox
+    accounts: list[BenchAccount]
+    workdir: Path
+    env: dict[str, str]
+
+
+@contextlib.contextmanager
+def stack(
+    accounts: Sequence[BenchAccount],
+    *,
+    account_rate: float,
+    sandbox_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    **sandbox_kwargs: Any,
+) -> Iterator[Stack]:
+    """Start redis-server and the sandbox; yield the env for `paypoll worker`; stop both."""
+    with tempfile.TemporaryDirectory(prefix="paypoll-bench-") as tmp:
+        workdir = Path(tmp)
+        server = RedisServer()
+        server.start()
+        try:
+            sandbox = RunningSandbox(
+                *sandbox_args, client=sandbox_clients(accounts), **sandbox_kwargs
+            )
+            try:
+                full_env = {
+                    **os.environ,
+                    "PAYPOLL_REDIS_URL": server.url,
+                    "PAYPOLL_API_URL": sandbox.url,
+                    "PAYPOLL_ACCOUNTS_FILE": str(
+                        write_accounts_file(accounts, account_rate, workdir)
+                    ),
+                    "PAYPOLL_KEY_PREFIX": "bench",
+                    "PAYPOLL_NAMESPACE": "bench",
+                    "PAYPOLL_LOG_FORMAT": "json",
+                    "PAYPOLL_METRICS_PORT": str(free_port()),
+                    **(env or {}),
+                }
+                full_env.pop("PAYPOLL_CLIENT_ID", None)
+                full_env.pop("PAYPOLL_CLIENT_SECRET", None)
+                yield Stack(server, sandbox, list(accounts), workdir, full_env)
+            finally:
+                sandbox.stop()
+        finally:
+            server.cleanup()
+
+
+def settings_for(st: Stack) -> Any:
+    """The Settings the fleet of ``st`` reads (for producers/stores in the benchmark)."""
+    from worker.settings import load_settings
+
+    return load_settings(st.env)
+
+
+# --- the fleet --------------------------------------------------------------------------------
+class FleetProcess:
+    """`paypoll worker --processes N --threads M` as a subprocess, stderr (JSON logs) to a file."""
+
+    def __init__(
+        self,
+        st: Stack,
+        *,
+        processes: int,
+        threads: int,
+        log_name: str = "fleet.log",
+        metrics: bool = False,
+    ):
+        self.log_path = st.workdir / log_name
+        self._log = self.log_path.open("wb")
+        self.metrics_url = f"http://127.0.0.1:{st.env['PAYPOLL_METRICS_PORT']}/metrics"
+        self.process = subprocess.Popen(
+            [
+                PYTHON,
+                "-m",
+                "worker.cli",
+                "worker",
+                "--processes",
+                str(processes),
+                "--threads",
+                str(threads),
+                *([] if metrics else ["--no-metrics"]),
+            ],
+            cwd=ROOT,
+            env=st.env,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+        )
+        self.processes = processes
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the spawned worker processes (children running multiprocessing.spawn,
+        the resource tracker excluded)."""
+        pids = []
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        with contextlib.suppress(OSError):
+            for pid in children.read_text().split():
+                with contextlib.suppress(OSError):
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                    if b"spawn_main" in cmd:
+                        pids.append(int(pid))
+        return pids
+
+    def wait_workers(self, timeout: float = 30.0) -> list[int]:
+        """Wait until all worker processes run (and have logged worker.started)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"fleet exited: {self.log_path.read_text()[-2000:]}")
+            started = self.log_path.read_text(errors="replace").count('"worker.started"')
+            pids = self.worker_pids()
+            if len(pids) == self.processes and started >= self.processes:
+                return pids
+            time.sleep(0.1)
+        raise RuntimeError(f"fleet workers did not start: {self.log_path.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        """SIGTERM and wait (the fleet stops its workers gracefully)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(45)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self._log.close()
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Prometheus text from ``url``, summed per metric name and ``outcome`` label:
+    ``{"paypoll_jobs_total{outcome=far_slot}": 12.0, "paypoll_jobs_total": 40.0, ...}``."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (http URL we built)
+        text = response.read().decode()
+    sums: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        name = name_labels.split("{", 1)[0]
+        outcome = re.search(r'outcome="([^"]*)"', name_labels)
+        for key in (name, f"{name}{{outcome={outcome.group(1)}}}" if outcome else None):
+            if key:
+                sums[key] = sums.get(key, 0.0) + float(value)
+    return sums
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """utime + stime of ``pids`` (their threads included), in seconds."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / CLK_TCK
+
+
+def status_kib(pid: int, field: str) -> int:
+    """A ``/proc/PID/status`` figure in KiB (VmRSS, VmHWM); 0 when the process is gone."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+# --- talking to the sandbox directly (setup only) ----------------------------------------------
+class SandboxConnection:
+    """One keep-alive connection with a token of one client, for setting up payments fast."""
+
+    def __init__(self, url: str, client_id: str, secret: str, path: str = "/payments/request"):
+        parts = urlsplit(url)
+        self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        self.path = path
+        import base64
+
+        basic = base64.b64encode(f"{client_id}:{secret}".encode()).decode()
+        answer = self._call(
+            "POST",
+            "/oauth/token",
+            b"grant_type=client_credentials",
+            {
+                "Authorization": f"Basic {basic}",
+                "Content-Type": "application/x-www-form-urlencoded",
+            },
+        )
+        self.headers = {
+            "Authorization": f"Bearer {answer['access_token']}",
+            "Content-Type": "application/json",
+        }
+
+    def call(
+        self, method: str, path: str, body: bytes | None, headers: dict[str, str]
+    ) -> tuple[int, Any]:
+        """(status, parsed JSON body) of one request on the keep-alive connection."""
+        self.conn.request(method, path, body=body, headers=headers)
+        response = self.conn.getresponse()
+        data = response.read()
+        return response.status, json.loads(data) if data else None
+
+    def _call(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> Any:
+        status, data = self.call(method, path, body, headers)
+        if status != 200:
+            raise RuntimeError(f"{method} {path}: {status} {str(data)[:200]}")
+        return data
+
+    def create(self, reference_id: str) -> dict[str, Any]:
+        body = json.dumps(
+            {
+                "amount": "10",
+                "currency": "USD",
+                "redirect_url": "https://shop.example/thanks",
+                "reference_id": reference_id,
+            }
+        ).encode()
+        result: dict[str, Any] = self._call("POST", self.path, body, self.headers)
+        return result
+
+    def get(self, payment_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"{self.path}/{payment_id}", None, self.headers)
+        return result
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# --- docs -------------------------------------------------------------------------------------
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- payment-pipeline:{name}:start -->", f"<!-- payment-pipeline:{name}:end -->"
+
+
+def write_section(name: str, text: str) -> None:
+    """Put ``text`` between this benchmark's markers under '## Payment pipeline' in
+    docs/benchmarks.md, creating the heading and markers on first use; other sections stay
+    as they are."""
+    start, end = _markers(name)
+    doc = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    if pattern.search(doc):
+        doc = pattern.sub(lambda _: block, doc)
+    else:
+        if PIPELINE_HEADING not in doc:
+            doc = doc.rstrip() + f"\n\n{PIPELINE_HEADING}\n\n{PIPELINE_INTRO}\n"
+        # Append after the last payment-pipeline block, or at the end of the pipeline heading's
+        # part (before the next '## ' heading).
+        head_at = doc.index(PIPELINE_HEADING)
+        next_heading = doc.find("\n## ", head_at + len(PIPELINE_HEADING))
+        insert_at = len(doc) if next_heading < 0 else next_heading + 1
+        doc = (
+            doc[:insert_at].rstrip()
+            + f"\n\n{block}\n"
+            + ("\n" + doc[insert_at:] if next_heading >= 0 else "")
+        )
+    DOCS.write_text(doc if doc.endswith("\n") else doc + "\n")
