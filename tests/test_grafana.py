@@ -88,7 +88,7 @@ def test_the_issue_panels_are_there() -> None:
         "paypoll_payment_terminal_seconds_bucket",
         "paypoll_payment_transitions_total",
         "paypoll_jobs_total",
-        'outcome!="ok"',
+        'outcome="error"',
         "paypoll_workers_alive",
         "paypoll_step_overdue_seconds",
         "paypoll_queue_depth",

@@ -36,8 +36,9 @@ ATTENTION_STATES = ("create_unknown", "failed")
 GAUGE_STATES = BACKLOG_STATES + ATTENTION_STATES
 # The steps an active payment is scheduled for, each with its own due and inflight sets.
 STEPS = ("create", "track")
-# A worker whose last heartbeat is older than this is not counted alive: three missed beats of
-# the fleet's 5 s heartbeat (a beat can be late under load; three in a row is a dead process).
+# A worker whose last heartbeat is older than this is not counted alive: the sweeper thread of
+# each process beats every 2 s (worker/sweeper.py), so this is several missed beats in a row, not
+# one late beat under load.
 HEARTBEAT_STALE_AFTER = 15.0
 # Seconds a scrape waits for Redis (connect, then each reply): well under the 4 s scrape timeout
 # of config/prometheus.yml, so a scrape with Redis down still answers (paypoll_redis_up 0).

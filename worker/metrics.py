@@ -108,7 +108,8 @@ JOBS_IN_PROGRESS = Gauge(
     multiprocess_mode="livesum",
 )
 
-OUTCOME_OK = "ok"  # the outcome label of a job that returned normally
+OUTCOME_OK = "ok"  # the outcome label of a job that returned normally (and said nothing more)
+OUTCOME_ERROR = "error"  # the outcome label of a job that raised
 
 
 def record_api_call(account: str, endpoint: str, outcome: str, seconds: float) -> None:
@@ -163,7 +164,8 @@ def record_unknown_status(account: str) -> None:
 
 
 def record_job(actor: str, outcome: str, seconds: float) -> None:
-    """A job of ``actor`` finished with ``outcome`` (``ok``, ``rescheduled``, an error class)."""
+    """A job of ``actor`` finished with ``outcome``: ``error`` when it raised, else what it did
+    (``ok``, or a step's few-valued result such as ``polled``, ``retry``, ``far_slot``)."""
     JOBS.labels(actor, outcome).inc()
     JOB_SECONDS.labels(actor, outcome).observe(seconds)
 
@@ -184,23 +186,32 @@ def prime_accounts(accounts: Iterable[str], states: Iterable[str] = ()) -> None:
             TRANSITIONS.labels(account, state)
 
 
+def job_started(actor: str) -> None:
+    """A job of ``actor`` started: it counts in ``paypoll_jobs_in_progress`` until job_ended."""
+    JOBS_IN_PROGRESS.labels(actor).inc()
+
+
+def job_ended(actor: str, outcome: str, seconds: float) -> None:
+    """A job counted by :func:`job_started` ended: stop counting it, and record_job it."""
+    JOBS_IN_PROGRESS.labels(actor).dec()
+    record_job(actor, outcome, seconds)
+
+
 @contextmanager
 def job_in_progress(actor: str) -> Iterator[None]:
     """Count a job of ``actor`` as running while the block runs, then record it with record_job.
 
-    The outcome is ``ok`` when the block returns and the exception's class name when it raises
-    (the exception propagates). A process killed inside the block leaves its count behind until
-    the fleet calls ``mark_process_dead`` for it.
+    The outcome is ``ok`` when the block returns and ``error`` when it raises (the exception
+    propagates), as worker/actors.py's JobContext names them. A process killed inside the block
+    leaves its count behind until the fleet calls ``mark_process_dead`` for it.
     """
-    gauge = JOBS_IN_PROGRESS.labels(actor)
-    gauge.inc()
+    job_started(actor)
     started = time.perf_counter()
     outcome = OUTCOME_OK
     try:
         yield
-    except BaseException as exc:
-        outcome = type(exc).__name__
+    except BaseException:
+        outcome = OUTCOME_ERROR
         raise
     finally:
-        gauge.dec()
-        record_job(actor, outcome, time.perf_counter() - started)
+        job_ended(actor, outcome, time.perf_counter() - started)
