@@ -180,7 +180,7 @@ def test_unknown_status_keeps_polling_and_404_ends_visibly(
 ) -> None:
     from worker.steps import run_track
 
-    rt, sandbox = rt_sandbox
+    rt, _ = rt_sandbox
     rt.store.register_tracking(CLIENT, "gone", "pr_doesnotexist")
     assert run_track(rt, CLIENT, "gone") == "failed"
     assert "NotFound" in record(rt, "gone").last_error

@@ -7,21 +7,39 @@ The public Python interface::
     worker.get_payment(ref).state        # 'queued', 'pending', 'paid', ...
 
 Settings come from ``PAYPOLL_*`` environment variables unless a ``Producer`` is passed.
+Names are imported on first use, so ``import worker`` (and every ``paypoll`` command) stays
+cheap and connects to nothing.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from worker.errors import PaypollError, ValidationError
-from worker.producer import (
-    Producer,
-    get_payment,
-    list_payments,
-    submit_payment,
-    track_payment,
-)
-from worker.store import PaymentRecord, State
+if TYPE_CHECKING:
+    from worker.errors import PaypollError, ValidationError
+    from worker.producer import (
+        Producer,
+        get_payment,
+        list_payments,
+        submit_payment,
+        track_payment,
+    )
+    from worker.store import PaymentRecord, State
+
+_EXPORTS = {
+    "PaypollError": "worker.errors",
+    "ValidationError": "worker.errors",
+    "Producer": "worker.producer",
+    "get_payment": "worker.producer",
+    "list_payments": "worker.producer",
+    "submit_payment": "worker.producer",
+    "track_payment": "worker.producer",
+    "PaymentRecord": "worker.store",
+    "State": "worker.store",
+}
 
 __all__ = [
     "PaymentRecord",
@@ -35,3 +53,13 @@ __all__ = [
     "submit_payment",
     "track_payment",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its module on first use (PEP 562)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'worker' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
