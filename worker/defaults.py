@@ -42,7 +42,7 @@ RETRY_AMBIGUOUS_CREATE = (
 )
 
 # --- durability --------------------------------------------------------------------------------
-SWEEP_INTERVAL = 1.0  # seconds between two passes of the dispatcher/sweeper
+SWEEP_INTERVAL = 0.25  # seconds between sweeper passes: how late a due step may be dispatched
 SWEEP_GRACE = 30.0  # seconds a dispatched step may take before it is dispatched again
 SWEEP_BATCH = 500  # due steps dispatched per pass and account
 EVENTS_MAXLEN = 100_000  # approximate length cap of the events stream

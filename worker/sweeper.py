@@ -90,14 +90,17 @@ class Sweeper:
         return self.settings.accounts.keys()
 
     def run_pass(self) -> PassResult:
-        """One pass over every account; returns the counts."""
+        """One pass over every account (one Redis round trip for all claims); the counts."""
         result = PassResult()
         s = self.settings
-        for account in self.accounts():
-            budget = inflight_budget(s.accounts[account].rate, s.max_wait, s.sweep_interval)
-            claim = self.store.claim_due(
-                account, budget=budget, lease=s.sweep_grace, batch=self.batch
-            )
+        budgets = {
+            account: inflight_budget(s.accounts[account].rate, s.max_wait, s.sweep_interval)
+            for account in self.accounts()
+        }
+        if not budgets:
+            return result
+        claims = self.store.claim_due_many(budgets, lease=s.sweep_grace, batch=self.batch)
+        for account, claim in claims.items():
             if claim.recovered:
                 log.warning("sweeper.recovered", account=account, steps=claim.recovered)
             for ref in claim.creates:

@@ -257,23 +257,35 @@ class PaymentStore:
     def claim_due(self, account: str, *, budget: int, lease: float, batch: int) -> Claim:
         """Claim up to ``batch`` due steps of ``account`` while fewer than ``budget`` are in
         flight (creates first), leasing each for ``lease`` seconds; recover expired leases."""
+        return self.claim_due_many({account: budget}, lease=lease, batch=batch)[account]
+
+    def claim_due_many(
+        self, budgets: Mapping[str, int], *, lease: float, batch: int
+    ) -> dict[str, Claim]:
+        """:meth:`claim_due` for several accounts (account -> budget) in one round trip."""
         k = self.keys
-        reply = self._claim(
-            keys=[
-                k.inflight(account, "create"),
-                k.inflight(account, "track"),
-                k.due(account, "create"),
-                k.due(account, "track"),
-            ],
-            args=[budget, lease, batch],
-        )
-        return Claim(
-            now=float(reply[0]),
-            recovered=int(reply[1]),
-            most_overdue=float(reply[2]),
-            creates=[_text(r) for r in reply[3]],
-            tracks=[_text(r) for r in reply[4]],
-        )
+        pipe = self.redis.pipeline(transaction=False)
+        for account, budget in budgets.items():
+            self._claim(
+                keys=[
+                    k.inflight(account, "create"),
+                    k.inflight(account, "track"),
+                    k.due(account, "create"),
+                    k.due(account, "track"),
+                ],
+                args=[budget, lease, batch],
+                client=pipe,
+            )
+        claims = {}
+        for account, reply in zip(budgets, pipe.execute(), strict=True):
+            claims[account] = Claim(
+                now=float(reply[0]),
+                recovered=int(reply[1]),
+                most_overdue=float(reply[2]),
+                creates=[_text(r) for r in reply[3]],
+                tracks=[_text(r) for r in reply[4]],
+            )
+        return claims
 
     # --- readers --------------------------------------------------------------------------------
     def get(self, account: str, reference_id: str) -> PaymentRecord | None:
