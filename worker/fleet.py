@@ -43,6 +43,11 @@ def _die_with_parent() -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    # A parent that died before prctl took effect (SIGKILLed while this process was still
+    # importing) sends no signal ever: we would run on as an unsupervised worker. Look once.
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        raise SystemExit(1)
 
 
 def worker_process_main(settings: Settings, threads: int, index: int) -> None:
