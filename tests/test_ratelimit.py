@@ -36,6 +36,7 @@ def limiter(redis_client: redis.Redis, keys: Keys) -> RateLimiter:
 
 
 def stored_slot(client: redis.Redis, keys: Keys, account: str) -> bytes | None:
+    """The key's next free slot as stored (the only field that holds capacity)."""
     value: bytes | None = client.get(keys.limiter(account))
     return value
 
@@ -64,15 +65,18 @@ def test_fractional_rate_is_rounded_down_to_whole_calls(limiter: RateLimiter) ->
 def test_a_far_answer_books_nothing(
     limiter: RateLimiter, redis_client: redis.Redis, keys: Keys
 ) -> None:
-    granted = [limiter.reserve("acme", RATE, max_wait=1.0) for _ in range(5)]
+    granted = [limiter.reserve("acme", RATE, max_wait=0.9) for _ in range(5)]
     assert all(b.granted for b in granted)  # slots at 0, .205, .41, .615, .82
     before = stored_slot(redis_client, keys, "acme")
-    far = [limiter.reserve("acme", RATE, max_wait=1.0) for _ in range(20)]
+    far = [limiter.reserve("acme", RATE, max_wait=0.9) for _ in range(20)]
     assert not any(b.granted for b in far)
     assert stored_slot(redis_client, keys, "acme") == before
     # Every far answer named the same slot, the one still free.
     assert len({b.slot for b in far}) == 1
     assert far[0].slot - granted[-1].slot == pytest.approx(INTERVAL, abs=2e-6)
+    # ... and told each to come back when it is half of max_wait away.
+    for b in far:
+        assert b.retry_in == pytest.approx(b.wait - 0.45, abs=1e-6)
     after = limiter.reserve("acme", RATE, max_wait=10.0)
     assert after.granted
     assert after.slot == far[0].slot
@@ -86,18 +90,17 @@ def test_acquire_raises_slot_too_far_with_when_to_retry(limiter: RateLimiter) ->
         limiter.acquire("acme", RATE, max_wait=0.5)
     assert time.monotonic() - started < 0.1  # told at once, did not sleep
     assert info.value.account == "acme"
-    # The free slot is at 5 * 0.205 s; it is within 0.5 s after about 1.025 - 0.5 s.
-    assert info.value.retry_in == pytest.approx(5 * INTERVAL - 0.5, abs=0.05)
+    # The free slot is at 5 * 0.205 s: come back when it is 0.25 s (max_wait / 2) away.
+    assert info.value.retry_in == pytest.approx(5 * INTERVAL - 0.25, abs=0.05)
 
 
 def test_acquire_sleeps_until_the_slot(limiter: RateLimiter) -> None:
     started = time.monotonic()
     waits = [limiter.acquire("acme", RATE) for _ in range(4)]
     elapsed = time.monotonic() - started
-    assert waits[0] < 0.05
-    assert elapsed == pytest.approx(3 * INTERVAL, abs=0.03)
-    for w in waits[1:]:
-        assert w == pytest.approx(INTERVAL, abs=0.03)
+    # Never early; late only by the host's scheduling (generous bound: shared, loaded CI).
+    assert 3 * INTERVAL - 0.002 <= elapsed <= 3 * INTERVAL + 0.25
+    assert sum(waits) == pytest.approx(elapsed, abs=0.01)
 
 
 def test_acquire_uses_the_injected_sleep(redis_client: redis.Redis, keys: Keys) -> None:
@@ -106,17 +109,20 @@ def test_acquire_uses_the_injected_sleep(redis_client: redis.Redis, keys: Keys) 
     lim.acquire("acme", RATE)
     lim.acquire("acme", RATE)
     assert len(slept) == 1  # the first call was free now: no sleep at all
-    assert slept[0] == pytest.approx(INTERVAL, abs=0.01)
+    assert INTERVAL - 0.1 <= slept[0] <= INTERVAL  # less what passed between the two calls
 
 
 def test_booking_ahead_is_capped_by_max_wait(
     limiter: RateLimiter, redis_client: redis.Redis, keys: Keys
 ) -> None:
-    results = [limiter.reserve("acme", RATE, max_wait=1.0) for _ in range(50)]
-    # Slots 0 .. 0.82 s fit in 1 s; 1.025 s does not: six hundred callers could not book more.
+    results = [limiter.reserve("acme", RATE, max_wait=0.9) for _ in range(50)]
+    # Slots 0 .. 0.82 s fit in 0.9 s; 1.025 s does not (even 0.1 s
+    # later): fifty callers could not book more.
     assert sum(b.granted for b in results) == 5
-    ttl_ms = redis_client.pttl(keys.limiter("acme"))
+    booked_until = int(stored_slot(redis_client, keys, "acme") or 0) / 1e6
+    assert booked_until - results[0].now == pytest.approx(5 * INTERVAL, abs=0.01)
     # The state expires once its slot is past: a dead caller's bookings leave nothing behind.
+    ttl_ms = redis_client.pttl(keys.limiter("acme"))
     assert 0 < ttl_ms <= 5 * INTERVAL * 1000 + 2
 
 
@@ -133,7 +139,8 @@ def test_penalty_is_seen_by_another_client(
         assert seen.wait == pytest.approx(2.5, abs=0.05)
         with pytest.raises(SlotTooFar) as info:
             other.acquire("acme", RATE)
-        assert info.value.retry_in == pytest.approx(1.5, abs=0.05)
+        # Come back when the slot is max_wait / 2 = 0.5 s away.
+        assert info.value.retry_in == pytest.approx(2.0, abs=0.05)
         # Other keys are not paused.
         assert other.reserve("other", RATE, max_wait=0.0).wait == 0.0
     finally:
@@ -202,4 +209,5 @@ def test_one_redis_command_per_reservation() -> None:
     assert stats["cmdstat_evalsha"]["calls"] == 60
     # Commands run by the script are counted too; the client sent nothing else.
     sent = {k: v["calls"] for k, v in stats.items() if k not in ("cmdstat_evalsha",)}
-    assert set(sent) <= {"cmdstat_get", "cmdstat_set", "cmdstat_time", "cmdstat_config|resetstat"}
+    inside_script = {"cmdstat_get", "cmdstat_set", "cmdstat_time"}
+    assert set(sent) <= {*inside_script, "cmdstat_config|resetstat"}

@@ -36,9 +36,12 @@ class Reservation:
     """The answer of one ``reserve`` call.
 
     ``slot`` and ``now`` are seconds on the Redis clock (``TIME``); ``wait = slot - now``.
-    ``granted`` says whether the slot was booked for the caller; when it is False nothing was
-    written and the slot stays free for whoever comes when it is near. ``answered_at`` is the
-    caller's ``time.monotonic()`` when Redis answered, the origin from which to sleep ``wait``.
+    ``granted`` says whether the slot was booked for the caller; when it is False no capacity
+    was taken (the slot stays free for whoever asks when it is near) and ``retry_in`` says when
+    to ask again: when the slot is half of ``max_wait`` away, so that the caller comes back with
+    room to spare (others may have booked it by then: a hint, not a promise). ``answered_at``
+    is the caller's ``time.monotonic()`` when Redis answered, the origin from which to sleep
+    ``wait``.
     """
 
     account: str
@@ -46,6 +49,7 @@ class Reservation:
     now: float
     wait: float
     granted: bool
+    retry_in: float
     answered_at: float
 
 
@@ -118,6 +122,7 @@ class RateLimiter:
             now=now_us / _MICRO,
             wait=(slot_us - now_us) / _MICRO,
             granted=bool(granted),
+            retry_in=0.0 if granted else max(0.0, (slot_us - now_us) / _MICRO - max_wait / 2),
             answered_at=answered_at,
         )
 
@@ -129,22 +134,31 @@ class RateLimiter:
         if remaining > 0:
             self._sleep(remaining)
 
+    def wait_for_slot(self, account: str, rate: float, max_wait: float) -> Reservation:
+        """Book ``account``'s next slot within ``max_wait`` and sleep until it; return it.
+
+        Raises ``SlotTooFar`` (nothing booked) when the slot is further.
+        """
+        booking = self.reserve(account, rate, max_wait)
+        if not booking.granted:
+            raise SlotTooFar(account, booking.retry_in)
+        self.sleep_until(booking)
+        return booking
+
     def acquire(self, account: str, rate: float, *, max_wait: float | None = None) -> float:
         """Wait for ``account``'s next slot and return the seconds spent in this call.
 
         When the slot is at most ``max_wait`` seconds away (default: the limiter's), it is
         booked and this call sleeps until it: the caller may send its request on return.
-        Otherwise nothing is booked and ``SlotTooFar(account, retry_in)`` is raised, where
-        ``retry_in`` is when the slot will be within ``max_wait``: the job should be
-        rescheduled for then rather than hold a thread.
+        Otherwise nothing is booked and ``SlotTooFar(account, retry_in)`` is raised: the job
+        should be rescheduled for ``retry_in`` seconds from now rather than hold a thread.
         """
         started = time.monotonic()
-        limit = self.max_wait if max_wait is None else max_wait
-        booking = self.reserve(account, rate, limit)
-        if not booking.granted:
+        try:
+            self.wait_for_slot(account, rate, self.max_wait if max_wait is None else max_wait)
+        except SlotTooFar:
             metrics.record_far_slot(account)
-            raise SlotTooFar(account, booking.wait - limit)
-        self.sleep_until(booking)
+            raise
         waited = time.monotonic() - started
         metrics.record_limiter_grant(account, waited)
         return waited
