@@ -83,7 +83,10 @@ def test_processes_share_one_token_call(redis_url: str, key_prefix: str) -> None
         try:
             for child in children:
                 assert child.stdout is not None
-                assert child.stdout.readline().strip() == "ready"
+                if child.stdout.readline().strip() != "ready":
+                    child.kill()
+                    assert child.stderr is not None
+                    pytest.fail(f"a child process did not start: {child.stderr.read()}")
             redis.Redis.from_url(redis_url).set(go_key, 1, ex=60)
             results = []
             for child in children:
