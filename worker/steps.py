@@ -146,7 +146,6 @@ def run_create(rt: Runtime, account: str, reference_id: str) -> str:
     except _LostRace:
         return "duplicate_delivery"
     except SlotTooFar as exc:
-        metrics.record_far_slot(account)
         _reschedule(rt, rec, state, "create", exc.retry_in, guard=("phase", ""))
         return "far_slot"
     except RejectedInput as exc:
@@ -312,7 +311,6 @@ def run_track(rt: Runtime, account: str, reference_id: str) -> str:
     try:
         payment = rt.client.get_payment(account, rec.payment_id, max_wait=rt.settings.max_wait)
     except SlotTooFar as exc:
-        metrics.record_far_slot(account)
         _reschedule(rt, rec, State.PENDING, "track", exc.retry_in)
         return "far_slot"
     except NotFound as exc:
