@@ -1,0 +1,770 @@
+"""Chaos runs of the whole pipeline: real fleets, a real sandbox, a private Redis, and violence.
+
+One function, :func:`run_chaos`, is shared by the chaos tests (tests/test_chaos.py, scaled down)
+and the soak script (benchmarks/soak.py, the full 1,000 payments). It:
+
+1. starts a private redis-server (AOF, ``appendfsync always``), the sandbox in strict sliding
+   mode with injected 5xx, dropped creates, random latency and short-lived tokens, and N fleets
+   ``paypoll worker --processes 1`` (real subprocesses, JSON logs captured to files);
+2. submits the payments, then every ``kill_every`` seconds kills one fleet with SIGKILL (and
+   checks its worker child dies with it: PDEATHSIG) or SIGKILLs one fleet's worker child (the
+   supervisor restarts it), starting a new fleet for each killed one; once, mid-run, it SIGKILLs
+   Redis and starts it again on the same AOF;
+3. waits until every payment is final, then checks the invariants against what the sandbox saw
+   and what Redis holds, and scans every log line, the metrics, the events stream and CLI output
+   for the client secrets and every access token seen in the token cache.
+
+The outcome is a :class:`ChaosReport`: rows of (what, expected, seen, ok) plus figures.
+Helpers for single pieces (:class:`FleetProcess`, :func:`worker_children`, :func:`write_accounts`)
+are public for other tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+import requests
+
+from tests.redis_server import RedisServer, free_port
+from tests.sandbox_fixture import RunningSandbox
+from tests.waiting import wait_until
+from worker.keys import Keys
+from worker.settings import load_settings
+from worker.store import State
+from worker.store.states import FINAL
+
+ROOT = Path(__file__).resolve().parent.parent
+API_TERMINAL_STATES = {"paid", "expired", "cancelled"}
+# 1-minute load average per CPU above which 429s are reported but not asserted: the jitter
+# between a limiter slot and the request's arrival then exceeds any sane margin (measured:
+# load 15 per CPU on a shared 2-CPU host gave 100-220 ms late sends).
+OVERLOADED = 2.0
+
+
+# --- accounts and environment -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChaosAccount:
+    """An account alias with the credentials the sandbox accepts."""
+
+    name: str
+    client_id: str
+    client_secret: str
+
+
+def make_accounts(count: int, *, rng: random.Random | None = None) -> list[ChaosAccount]:
+    """``count`` accounts with long random secrets (long enough to be unmistakable in a scan)."""
+    rng = rng or random.Random()
+    return [
+        ChaosAccount(
+            name=f"acct{i}",
+            client_id=f"client-{i}-{rng.getrandbits(32):08x}",
+            client_secret=f"sk_{secrets.token_hex(20)}",
+        )
+        for i in range(count)
+    ]
+
+
+def write_accounts(path: Path, accounts: list[ChaosAccount], *, mode: int = 0o600) -> Path:
+    """Write the TOML accounts file paypoll reads (PAYPOLL_ACCOUNTS_FILE), chmod ``mode``."""
+    lines = []
+    for acct in accounts:
+        lines += [
+            f"[accounts.{acct.name}]",
+            f'client_id = "{acct.client_id}"',
+            f'client_secret = "{acct.client_secret}"',
+            "",
+        ]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    path.chmod(mode)
+    return path
+
+
+def paypoll_command() -> list[str]:
+    """The ``paypoll`` console script of this interpreter's environment."""
+    script = Path(sys.executable).parent / "paypoll"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "worker.cli"]
+
+
+def base_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment without any PAYPOLL_* variable, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PAYPOLL_")}
+    env.update(extra)
+    return env
+
+
+# --- processes ----------------------------------------------------------------------------------
+
+
+def _ppid_and_cmdline(pid: int) -> tuple[int, str] | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return None
+    # The command name is in parentheses and may hold spaces: ppid is the 2nd field after it.
+    ppid = int(stat.rsplit(")", 1)[1].split()[1])
+    return ppid, cmdline
+
+
+def worker_children(pid: int) -> list[int]:
+    """Pids of the spawned worker processes of fleet ``pid`` (not multiprocessing helpers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        info = _ppid_and_cmdline(int(entry.name))
+        if info and info[0] == pid and "spawn_main" in info[1]:
+            found.append(int(entry.name))
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class FleetProcess:
+    """One ``paypoll worker --processes N`` process, its stderr/stdout in ``log_path``."""
+
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        log_path: Path,
+        *,
+        processes: int = 1,
+        threads: int = 8,
+        metrics_port: int | None = None,
+    ) -> None:
+        self.log_path = log_path
+        self.metrics_port = metrics_port or free_port()
+        full_env = dict(env)
+        full_env["PAYPOLL_METRICS_PORT"] = str(self.metrics_port)
+        full_env["PAYPOLL_METRICS_DIR"] = str(log_path.with_suffix(".metrics"))
+        self._log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            [
+                *paypoll_command(),
+                "worker",
+                "--processes",
+                str(processes),
+                "--threads",
+                str(threads),
+            ],
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        self.pid = self.process.pid
+
+    def children(self) -> list[int]:
+        return worker_children(self.pid)
+
+    def wait_ready(self, timeout: float = 30.0) -> int:
+        """Wait until a worker child runs and the metrics endpoint answers; its pid."""
+
+        def ready() -> int | None:
+            if self.process.poll() is not None:
+                raise AssertionError(f"fleet exited with {self.process.returncode}: {self.log()}")
+            kids = self.children()
+            if not kids:
+                return None
+            try:
+                requests.get(self.metrics_url, timeout=1).raise_for_status()
+            except requests.RequestException:
+                return None
+            return kids[0]
+
+        return wait_until(ready, timeout=timeout, interval=0.1, what="fleet ready")
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL the fleet process itself."""
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        self.process.wait(10)
+
+    def stop(self, timeout: float = 40.0) -> int | None:
+        """SIGTERM and wait (SIGKILL after ``timeout``); the exit status."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self._log.close()
+        return self.process.returncode
+
+
+def run_cli(env: Mapping[str, str], *args: str, timeout: float = 60.0) -> tuple[int, str]:
+    """Run ``paypoll ARGS`` with ``env``; (exit status, stdout + stderr)."""
+    done = subprocess.run(
+        [*paypoll_command(), *args],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChaosConfig:
+    """What a chaos run does. Defaults: the scaled-down run of the test suite."""
+
+    payments: int = 300
+    accounts: int = 5
+    fleets: int = 3
+    threads: int = 16
+    rate: float = 5.0
+    kill_every: float = 4.0  # seconds between two kills
+    redis_restart_after: float = 0.4  # share of payments final when Redis is restarted
+    redis_down_for: float = 1.0  # seconds Redis stays down
+    error_rate: float = 0.05
+    drop_create_rate: float = 0.01
+    latency_ms: str = "5:80"
+    token_ttl: float = 4.0
+    pay_after: str = "0.5:4"
+    rate_margin: float | None = None  # PAYPOLL_RATE_MARGIN; None: paypoll's default
+    tracking_timeout: float = 900.0  # far beyond the run: no tracking_timeout expected
+    seed: int = 7
+    time_limit: float = 110.0  # seconds for every payment to become final
+    # 429s tolerated, as a share of requests: the limiter spaces slots on the Redis clock, but
+    # what happens between a slot and the bytes reaching the sandbox (thread scheduling, the
+    # create's Redis write) is jitter it cannot control; on an overloaded host it exceeds the
+    # margin now and then. Every 429 is reported with the jitter measured (arrival_gap_ms).
+    max_429_share: float = 0.01
+    workdir: Path | None = None
+
+
+@dataclass
+class Check:
+    """One row of the report."""
+
+    what: str
+    expected: str
+    seen: str
+    ok: bool
+
+
+@dataclass
+class ChaosReport:
+    """What was injected and what came out."""
+
+    config: ChaosConfig
+    checks: list[Check] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+    injected: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, what: str, expected: str, seen: object, ok: bool) -> None:
+        self.checks.append(Check(what, expected, str(seen), bool(ok)))
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+    def summary(self) -> str:
+        lines = []
+        for c in self.checks:
+            lines.append(f"{'ok ' if c.ok else 'BAD'} {c.what}: expected {c.expected}; {c.seen}")
+        lines.append(f"injected: {json.dumps(self.injected, default=str)}")
+        lines.append(f"figures: {json.dumps(self.figures, default=str)}")
+        return "\n".join(lines)
+
+
+class TokenWatcher(threading.Thread):
+    """Reads every account's cached access token from Redis every ``interval`` seconds, so the
+    scan knows every token the fleet used (the cache keeps each one for half its lifetime)."""
+
+    def __init__(self, url: str, keys: Keys, accounts: list[str], interval: float = 0.2) -> None:
+        super().__init__(name="token-watcher", daemon=True)
+        self.url = url
+        self.keys = keys
+        self.accounts = accounts
+        self.interval = interval
+        self.tokens: set[str] = set()
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        client = redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
+        while not self.stopping.is_set():
+            with contextlib.suppress(redis.RedisError):
+                for value in client.mget([self.keys.token(a) for a in self.accounts]):
+                    if value:
+                        self.tokens.add(value.decode())
+            self.stopping.wait(self.interval)
+        client.close()
+
+
+def _kill_plan(index: int) -> str:
+    """Alternate the two kinds of kill: the whole fleet, or only its worker child."""
+    return "fleet" if index % 2 == 0 else "child"
+
+
+def run_chaos(config: ChaosConfig, *, progress: Callable[[str], None] | None = None) -> ChaosReport:
+    """Run the chaos scenario of ``config`` and return its report (see module docstring)."""
+    say = progress or (lambda text: None)
+    report = ChaosReport(config=config)
+    rng = random.Random(config.seed)
+    with contextlib.ExitStack() as stack:
+        if config.workdir is None:
+            workdir = Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="paypoll-chaos-"))
+            )
+        else:
+            workdir = config.workdir
+            workdir.mkdir(parents=True, exist_ok=True)
+        accounts = make_accounts(config.accounts, rng=rng)
+        accounts_file = write_accounts(workdir / "accounts.toml", accounts)
+
+        server = RedisServer(appendonly=True, directory=workdir / "redis")
+        (workdir / "redis").mkdir(exist_ok=True)
+        server.start()
+        stack.callback(server.cleanup)
+        sandbox = RunningSandbox(
+            client=[f"{a.client_id}:{a.client_secret}" for a in accounts],
+            rate=config.rate,
+            limit_mode="sliding",
+            error_rate=config.error_rate,
+            drop_create_rate=config.drop_create_rate,
+            latency=config.latency_ms,
+            token_ttl=config.token_ttl,
+            pay_after=config.pay_after,
+            seed=config.seed,
+        )
+        stack.callback(sandbox.stop)
+        prefix = f"chaos{config.seed}"
+        env = base_env(
+            {
+                "PAYPOLL_REDIS_URL": server.url,
+                "PAYPOLL_API_URL": sandbox.url,
+                "PAYPOLL_ACCOUNTS_FILE": str(accounts_file),
+                "PAYPOLL_KEY_PREFIX": prefix,
+                "PAYPOLL_NAMESPACE": prefix,
+                "PAYPOLL_LOG_FORMAT": "json",
+                "PAYPOLL_TOKEN_RENEW_BEFORE": "1",
+                "PAYPOLL_POLL_FIRST_DELAY": "1",
+                "PAYPOLL_POLL_MAX_DELAY": "3",
+                "PAYPOLL_TRACKING_TIMEOUT": str(config.tracking_timeout),
+                "PAYPOLL_CONNECT_TIMEOUT": "1",
+                "PAYPOLL_READ_TIMEOUT": "3",
+                "PAYPOLL_RETRY_BASE_DELAY": "0.3",
+                "PAYPOLL_RETRY_MAX_DELAY": "3",
+                "PAYPOLL_SWEEP_INTERVAL": "0.25",
+                "PAYPOLL_SWEEP_GRACE": "8",
+            }
+        )
+        if config.rate_margin is not None:
+            env["PAYPOLL_RATE_MARGIN"] = str(config.rate_margin)
+        keys = Keys(prefix)
+        settings = load_settings(env)
+        watcher = TokenWatcher(server.url, keys, [a.name for a in accounts])
+        watcher.start()
+        stack.callback(watcher.stopping.set)
+
+        fleets: list[FleetProcess] = []
+        all_fleets: list[FleetProcess] = []
+
+        def start_fleet() -> FleetProcess:
+            fleet = FleetProcess(
+                env, workdir / f"fleet-{len(all_fleets)}.log", threads=config.threads
+            )
+            fleets.append(fleet)
+            all_fleets.append(fleet)
+            return fleet
+
+        def stop_fleets() -> None:
+            kids = [k for fleet in all_fleets for k in fleet.children()]
+            for fleet in all_fleets:
+                fleet.stop(timeout=10)
+            # No worker may outlive the run (PDEATHSIG, graceful stop): kill stragglers.
+            with contextlib.suppress(AssertionError):
+                wait_until(lambda: not any(pid_alive(k) for k in kids), timeout=15)
+            for pid in kids:
+                if pid_alive(pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+
+        stack.callback(stop_fleets)
+        for _ in range(config.fleets):
+            start_fleet()
+        for fleet in fleets:
+            fleet.wait_ready()
+        say(f"{len(fleets)} fleets ready; sandbox {sandbox.url}; redis {server.url}")
+
+        # --- submit ---
+        from worker.producer import Producer
+
+        producer = Producer.from_settings(settings)
+        specs = [
+            producer.validate(
+                account=accounts[i % len(accounts)].name,
+                amount=f"{1 + i % 500}.{i % 100:02d}",
+                redirect_url=f"https://shop.example/thanks/{i}",
+                reference_id=f"order-{config.seed}-{i:05d}",
+            )
+            for i in range(config.payments)
+        ]
+        started = time.monotonic()
+        submitted = list(producer.submit_specs(specs))
+        report.check(
+            "submitted",
+            f"{config.payments} recorded",
+            f"{sum(1 for s in submitted if s is True)} recorded",
+            all(s is True for s in submitted),
+        )
+        refs = {(s.account, s.reference_id) for s in specs}
+
+        # --- chaos loop ---
+        monitor = redis.Redis.from_url(server.url, socket_timeout=2, socket_connect_timeout=1)
+        kills: list[dict[str, Any]] = []
+        redis_restart: dict[str, Any] = {}
+        final_count = 0
+        watched_kills: list[tuple[float, dict[str, Any]]] = []
+
+        def check_orphans() -> None:
+            for killed_at, event in list(watched_kills):
+                if not any(pid_alive(k) for k in event["children"]):
+                    event["child_gone_s"] = round(time.monotonic() - killed_at, 2)
+                    watched_kills.remove((killed_at, event))
+
+        next_kill = time.monotonic() + config.kill_every
+
+        def count_final() -> int | None:
+            try:
+                pipe = monitor.pipeline(transaction=False)
+                for acct in accounts:
+                    for state in FINAL:
+                        pipe.scard(keys.by_state(acct.name, state))
+                return sum(int(n) for n in pipe.execute())
+            except redis.RedisError:
+                return None
+
+        while True:
+            now = time.monotonic()
+            check_orphans()
+            counted = count_final()
+            if counted is not None:
+                final_count = counted
+            if final_count >= config.payments:
+                break
+            if now - started > config.time_limit:
+                break
+            if not redis_restart and final_count >= config.redis_restart_after * config.payments:
+                say(f"restarting redis at {final_count} final")
+                t0 = time.monotonic()
+                server.stop(kill=True)
+                time.sleep(config.redis_down_for)  # the outage itself is the fault injected
+                server.start()
+                redis_restart = {
+                    "at_s": round(t0 - started, 1),
+                    "final_before": final_count,
+                    "down_s": round(time.monotonic() - t0, 2),
+                    "epoch": time.time(),
+                }
+            if now >= next_kill:
+                kind = _kill_plan(len(kills))
+                victim = fleets[rng.randrange(len(fleets))]
+                kids = victim.children()
+                event: dict[str, Any] = {
+                    "kind": kind,
+                    "at_s": round(now - started, 1),
+                    "epoch": time.time(),
+                }
+                if kind == "fleet":
+                    victim.kill()
+                    fleets.remove(victim)
+                    # PDEATHSIG: the worker child must not outlive its SIGKILLed supervisor;
+                    # checked below without holding up the run.
+                    event["children"] = kids
+                    event["child_gone_s"] = None
+                    watched_kills.append((time.monotonic(), event))
+                    start_fleet()
+                elif kids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(kids[0], signal.SIGKILL)
+                kills.append(event)
+                say(f"kill {event} ({final_count} final)")
+                next_kill = time.monotonic() + config.kill_every
+            time.sleep(0.1)
+        elapsed = time.monotonic() - started
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: check_orphans() or not watched_kills, timeout=40, interval=0.1)
+        for _, event in watched_kills:
+            # An orphan: reported as a failure below; killed so that no test leaves it behind.
+            for pid in event["children"]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        say(f"converged: {final_count}/{config.payments} final in {elapsed:.1f}s")
+
+        # --- collect ---
+        metrics_text = ""
+        for fleet in fleets:
+            with contextlib.suppress(requests.RequestException):
+                metrics_text += requests.get(fleet.metrics_url, timeout=5).text
+        events = monitor.xrange(keys.events())
+        events_text = "\n".join(
+            json.dumps({k.decode(): v.decode(errors="replace") for k, v in fields.items()})
+            for _, fields in events
+        )
+        cli_output = ""
+        for args in (
+            ("list", "--json"),
+            ("list", "--counts"),
+            ("status", specs[0].reference_id, "--account", specs[0].account, "--json"),
+        ):
+            code, output = run_cli(env, *args)
+            cli_output += output
+            report.check(f"CLI `paypoll {' '.join(args[:2])}`", "exit 0", f"exit {code}", code == 0)
+        stop_fleets()
+        watcher.stopping.set()
+        watcher.join(5)
+        logs = "\n".join(f.log() for f in all_fleets)
+        stats = sandbox.stats(payments=True, times=True)
+        records = {(r.account, r.reference_id): r for r in producer.list_payments()}
+        # Kept for investigation (the soak script keeps its workdir).
+        (workdir / "sandbox-stats.json").write_text(
+            json.dumps({"stats": stats, "kills": kills, "redis_restart": redis_restart})
+        )
+
+        _judge(
+            report,
+            config=config,
+            accounts=accounts,
+            refs=refs,
+            records=records,
+            stats=stats,
+            kills=kills,
+            redis_restart=redis_restart,
+            elapsed=elapsed,
+        )
+        _scan_secrets(
+            report,
+            accounts=accounts,
+            tokens=watcher.tokens,
+            texts={
+                "fleet logs": logs,
+                "metrics": metrics_text,
+                "events stream": events_text,
+                "CLI output": cli_output,
+            },
+        )
+        report.figures.update(
+            {
+                "load_average": [round(x, 1) for x in os.getloadavg()],
+                "cpus": os.cpu_count(),
+                "log_lines": logs.count("\n"),
+                "events": len(events),
+                "fleets_started": len(all_fleets),
+            }
+        )
+        monitor.close()
+    return report
+
+
+def _judge(
+    report: ChaosReport,
+    *,
+    config: ChaosConfig,
+    accounts: list[ChaosAccount],
+    refs: set[tuple[str, str]],
+    records: Mapping[tuple[str, str], Any],
+    stats: Mapping[str, Any],
+    kills: list[dict[str, Any]],
+    redis_restart: Mapping[str, Any],
+    elapsed: float,
+) -> None:
+    """Every invariant of the issue, as report rows."""
+    by_client = {a.client_id: a.name for a in accounts}
+    states: dict[str, int] = {}
+    for rec in records.values():
+        states[rec.state] = states.get(rec.state, 0) + 1
+    report.figures["states"] = dict(sorted(states.items()))
+    report.figures["seconds_to_all_final"] = round(elapsed, 1)
+
+    missing = refs - set(records)
+    report.check(
+        "no payment lost", "all submitted payments recorded", f"{len(missing)} missing", not missing
+    )
+    not_final = [k for k, r in records.items() if State(r.state) not in FINAL]
+    report.check(
+        "every payment final",
+        f"{len(refs)} final within {config.time_limit:g}s",
+        f"{len(refs) - len(not_final)} final in {elapsed:.1f}s; not final: {not_final[:5]}",
+        not not_final and not missing,
+    )
+    unexpected = {
+        s: n for s, n in states.items() if s not in API_TERMINAL_STATES | {"create_unknown"}
+    }
+    report.check(
+        "only paid/expired/cancelled/create_unknown",
+        "no rejected, failed or tracking_timeout",
+        f"others: {unexpected or 'none'}",
+        not unexpected,
+    )
+
+    # One create per payment.
+    duplicates = stats["duplicates"]
+    report.check("duplicate creates (sandbox)", "0", len(duplicates), not duplicates)
+    creates: dict[tuple[str, str], int] = {}
+    for client_id, by_ref in stats["creates_by_reference"].items():
+        for ref, count in by_ref.items():
+            creates[(by_client.get(client_id, client_id), ref)] = count
+    dropped = {
+        (by_client.get(d["client_id"], d["client_id"]), d["reference_id"])
+        for d in stats["dropped_creates"]
+    }
+    unknown = {k for k, r in records.items() if r.state == "create_unknown"}
+    dropped_not_unknown = dropped - unknown
+    report.check(
+        "every dropped create is create_unknown",
+        f"{len(dropped)} dropped -> create_unknown",
+        f"{len(dropped & unknown)} of {len(dropped)}; others: {sorted(dropped_not_unknown)[:5]}",
+        not dropped_not_unknown,
+    )
+    ambiguous = unknown - dropped
+    never_made = sorted(k for k in ambiguous if creates.get(k, 0) == 0)
+    made_once = sorted(k for k in ambiguous if creates.get(k, 0) == 1)
+    made_more = sorted(k for k in ambiguous if creates.get(k, 0) > 1)
+    report.figures["create_unknown"] = {
+        "total": len(unknown),
+        "dropped_by_sandbox": len(dropped & unknown),
+        "in_flight_at_kill_not_made": len(never_made),
+        "in_flight_at_kill_made_once": len(made_once),
+        "examples": [f"{a}/{r}" for a, r in (never_made + made_once)[:5]],
+    }
+    report.check(
+        "create_unknown beyond the dropped ones were genuinely ambiguous",
+        "sandbox made 0 or 1 payment for each",
+        f"{len(ambiguous)} (0 made: {len(never_made)}, 1 made: {len(made_once)}, "
+        f">1: {len(made_more)})",
+        not made_more,
+    )
+    # Every payment paypoll says exists exists once, with the status paypoll recorded.
+    payments = stats.get("payments", {})
+    wrong = []
+    for key, rec in records.items():
+        if rec.state in API_TERMINAL_STATES:
+            seen = payments.get(rec.payment_id)
+            if creates.get(key) != 1 or seen is None or seen["status"] != rec.state:
+                wrong.append((key, rec.state, seen and seen["status"]))
+    report.check(
+        "terminal states match the sandbox",
+        "each paid/expired/cancelled payment created once, same status on the API",
+        f"{len(wrong)} mismatches {wrong[:3]}",
+        not wrong,
+    )
+
+    # Rate.
+    rate_limited = {by_client.get(c, c): s["rate_limited"] for c, s in stats["clients"].items()}
+    window = {by_client.get(c, c): s["max_accepted_in_1s"] for c, s in stats["clients"].items()}
+    total_429 = sum(rate_limited.values())
+    report.figures["requests"] = sum(s["total"] for s in stats["clients"].values())
+    report.figures["token_calls"] = sum(s["token_calls"] for s in stats["clients"].values())
+    report.figures["faults"] = {
+        name: sum(s["faults"].get(name, 0) for s in stats["clients"].values())
+        for name in ("error", "drop", "malformed")
+    }
+    allowed = int(config.max_429_share * report.figures["requests"])
+    load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    overloaded = load > OVERLOADED
+    report.check(
+        "429 answers (sandbox)",
+        f"0 (tolerated: {allowed}, {config.max_429_share:.1%} of requests, for host jitter)",
+        f"{total_429} {rate_limited}"
+        + (f"; NOT ASSERTED: host overloaded, load {load:.1f} per CPU" if overloaded else ""),
+        total_429 <= allowed or overloaded,
+    )
+    sent = {by_client.get(c, c): s["max_requests_in_1s"] for c, s in stats["clients"].items()}
+    report.figures["max_sent_in_1s_incl_refused"] = sent
+    worst = max(window.values(), default=0)
+    report.check(
+        "largest per-key count in any 1 s window",
+        f"<= {config.rate:g}",
+        f"{worst} {window}",
+        worst <= config.rate,
+    )
+
+    # Kills and the restart happened as planned.
+    fleet_kills = [k for k in kills if k["kind"] == "fleet"]
+    orphans = [k for k in fleet_kills if k.get("child_gone_s") is None]
+    report.injected["kills"] = {
+        "fleet_sigkill": len(fleet_kills),
+        "child_sigkill": len(kills) - len(fleet_kills),
+        "child_exit_after_fleet_kill_s": [k.get("child_gone_s") for k in fleet_kills],
+    }
+    report.injected["redis_restart"] = dict(redis_restart)
+    report.check(
+        "worker child dies with its SIGKILLed fleet (PDEATHSIG)",
+        "every child gone",
+        f"{len(fleet_kills) - len(orphans)} of {len(fleet_kills)}",
+        fleet_kills and not orphans,
+    )
+    report.check(
+        "Redis restarted mid-run",
+        "once, SIGKILL + AOF replay",
+        redis_restart or "never",
+        bool(redis_restart),
+    )
+    report.injected["sandbox"] = {
+        "error_rate": config.error_rate,
+        "drop_create_rate": config.drop_create_rate,
+        "latency_ms": config.latency_ms,
+        "token_ttl_s": config.token_ttl,
+        "limit_mode": "sliding",
+        "rate": config.rate,
+    }
+
+
+def _scan_secrets(
+    report: ChaosReport,
+    *,
+    accounts: list[ChaosAccount],
+    tokens: set[str],
+    texts: Mapping[str, str],
+) -> None:
+    """One row per place scanned: no client secret, no access token."""
+    needles = {a.client_secret: f"client_secret of {a.name}" for a in accounts}
+    needles.update({t: "an access token" for t in tokens if len(t) >= 8})
+    report.figures["tokens_watched"] = len(tokens)
+    for place, text in texts.items():
+        found = sorted({label for needle, label in needles.items() if needle in text})
+        report.check(
+            f"no secret or token in {place}",
+            "none",
+            f"{len(text)} chars scanned; found: {found or 'none'}",
+            not found,
+        )
