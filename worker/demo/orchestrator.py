@@ -15,7 +15,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -95,6 +95,16 @@ def _uninterruptible() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _by_route(clients: Iterable[Mapping[str, Any]], status: str) -> dict[str, int]:
+    """Answers with ``status`` per route, summed over the sandbox's ``clients`` entries."""
+    counts: dict[str, int] = {}
+    for client in clients:
+        for route, statuses in client.get("requests", {}).items():
+            if statuses.get(status):
+                counts[route] = counts.get(route, 0) + int(statuses[status])
+    return counts
 
 
 class Demo:
@@ -301,6 +311,7 @@ class Demo:
                 "duplicates": [d for d in stats["duplicates"] if d["client_id"] in ids],
                 "dropped_creates": len(stats["dropped_creates"]),
                 "rate_limited": sum(int(c.get("rate_limited", 0)) for c in clients.values()),
+                "rate_limited_by_route": _by_route(clients.values(), "429"),
                 "requests": sum(int(c.get("total", 0)) for c in clients.values()),
                 "token_calls": sum(int(c.get("token_calls", 0)) for c in clients.values()),
                 "max_accepted_in_1s": {
