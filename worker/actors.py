@@ -67,6 +67,7 @@ class JobContext(Middleware):
             attempt=message.options.get("retries", 0) + 1,
         )
         message.options["_paypoll_started"] = time.perf_counter()
+        metrics.job_started(message.actor_name)
 
     def after_process_message(
         self, broker: Any, message: Any, *, result: Any = None, exception: Any = None
@@ -75,7 +76,7 @@ class JobContext(Middleware):
         noted = message.options.pop("_paypoll_outcome", "ok")
         outcome = "error" if exception is not None else str(noted)
         if started is not None:
-            metrics.record_job(message.actor_name, outcome, time.perf_counter() - started)
+            metrics.job_ended(message.actor_name, outcome, time.perf_counter() - started)
         structlog.contextvars.clear_contextvars()
 
     after_skip_message = after_process_message

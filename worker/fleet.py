@@ -55,12 +55,16 @@ def worker_process_main(settings: Settings, threads: int, index: int) -> None:
     _die_with_parent()
     from dramatiq import Worker
 
+    from worker import metrics
     from worker.actors import QUEUES, build_broker, callback_sender, declare_actors, install_runtime
     from worker.logs import configure_logging
     from worker.runtime import Runtime
+    from worker.store import State
     from worker.sweeper import Sweeper, SweeperThread
 
     configure_logging(fmt=settings.log_format, level=settings.log_level)
+    # Every account's series exist from the start, so Prometheus sees their first increase.
+    metrics.prime_accounts(settings.accounts, [state.value for state in State])
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -115,7 +119,6 @@ class Fleet:
     def run(self) -> int:
         """Run until SIGTERM/SIGINT (or :meth:`stop`); returns the exit status."""
         from worker.collectors import AccountLimitsCollector, StoreCollector
-        from worker.connection import connect_redis
         from worker.errors import ConfigError
         from worker.exporter import (
             MULTIPROC_ENV,
@@ -134,8 +137,10 @@ class Fleet:
             from worker.actors import QUEUES
 
             collectors = [
-                StoreCollector(
-                    redis=connect_redis(self.settings.redis_url),
+                # Its own client with short timeouts and no retries: a scrape must answer
+                # (with paypoll_redis_up 0) even while Redis is down.
+                StoreCollector.from_url(
+                    self.settings.redis_url,
                     keys=Keys(self.settings.key_prefix),
                     namespace=self.settings.namespace,
                     queues=QUEUES,
