@@ -11,13 +11,14 @@ schedule, decides the rate. With --profile, py-spy samples one worker process du
 
     .venv/bin/python benchmarks/throughput.py --configs 2x32,3x32,2x64 --duration 30
     .venv/bin/python benchmarks/throughput.py --quick
-    .venv/bin/python benchmarks/throughput.py --configs 2x48 --profile --write-docs
+    .venv/bin/python benchmarks/throughput.py --configs 2x32 --profile 2x32 --write-docs
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import re
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,7 @@ class Result:
     by_route: dict[str, int]
     jobs: dict[str, float]
     profile: list[tuple[str, float, float]] | None = None
+    profile_self: list[tuple[str, float]] | None = None
 
 
 def _totals(stats: dict) -> tuple[int, int, int, dict[str, int]]:
@@ -102,9 +104,9 @@ def _profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | N
     )
 
 
-def _top_costs(path: Path, top: int = 14) -> list[tuple[str, float, float]]:
-    """(function, % of samples on CPU inside it incl. callees, % self) from py-spy raw output,
-    idle frames (waiting on a socket, a lock or a sleep) dropped so shares are of busy time."""
+def _top_costs(path: Path, top: int = 18) -> list[tuple[str, float, float]]:
+    """(function, % of busy samples inside it incl. callees, % self) from py-spy raw output,
+    per function (line numbers dropped); frames waiting on a socket, lock or sleep dropped."""
     inclusive: collections.Counter[str] = collections.Counter()
     own: collections.Counter[str] = collections.Counter()
     busy = 0
@@ -114,28 +116,38 @@ def _top_costs(path: Path, top: int = 14) -> list[tuple[str, float, float]]:
         "sleep",
         "_wait_for_tstate_lock",
         "readinto (socket.py",
-        "recv",
         "get (queue.py",
         "poll (selectors.py",
     )
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack:
+        if not stack or not count.isdigit():
             continue
-        frames = stack.split(";")
-        leaf = frames[-1]
-        if any(marker in leaf for marker in idle_markers):
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        if any(marker in frames[-1] for marker in idle_markers):
             continue
         n = int(count)
         busy += n
-        own[leaf] += n
+        own[frames[-1]] += n
         for frame in set(frames[1:]):
             inclusive[frame] += n
     if not busy:
         return []
-    rows = [(f, 100 * c / busy, 100 * own.get(f, 0) / busy) for f, c in inclusive.most_common(top)]
-    rows += [(f"(self) {f}", 100 * 0, 100 * c / busy) for f, c in own.most_common(8)]
-    return rows
+    return [(f, 100 * c / busy, 100 * own.get(f, 0) / busy) for f, c in inclusive.most_common(top)]
+
+
+def _top_self(path: Path, top: int = 10) -> list[tuple[str, float]]:
+    """The functions with the most busy samples of their own."""
+    own: collections.Counter[str] = collections.Counter()
+    busy = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        leaf = re.sub(r":\d+\)$", ")", stack.split(";")[-1])
+        own[leaf] += int(count)
+        busy += int(count)
+    return [(f, 100 * c / busy) for f, c in own.most_common(top)] if busy else []
 
 
 def run_config(
@@ -221,6 +233,7 @@ def run_config(
         )
         if profile and spy_out.exists():
             result.profile = _top_costs(spy_out)
+            result.profile_self = _top_self(spy_out)
         return result
 
 
@@ -264,13 +277,22 @@ def render(results: list[Result], args: argparse.Namespace, start_machine: str) 
         if r.profile:
             lines += [
                 "",
-                f"py-spy profile of one worker process ({r.config}), busy samples only (frames "
-                "waiting on a socket, lock or sleep dropped); inclusive % / self %:",
+                f"py-spy profile of one worker process ({r.config}, 200 Hz, idle threads not "
+                "sampled), share of busy samples and the CPU per API call it stands for:",
                 "",
-                "| function | inclusive | self |",
+                "| function (inclusive of callees) | share | CPU per API call |",
                 "|---|---|---|",
             ]
-            lines += [f"| `{f}` | {inc:.1f}% | {own:.1f}% |" for f, inc, own in r.profile]
+            lines += [
+                f"| `{f}` | {inc:.1f}% | {inc / 100 * r.cpu_ms_per_call:.2f} ms |"
+                for f, inc, _own in r.profile
+            ]
+            lines += [
+                "",
+                "Top self time: "
+                + "; ".join(f"`{f}` {share:.1f}%" for f, share in (r.profile_self or []))
+                + ".",
+            ]
     return "\n".join(lines)
 
 
@@ -280,7 +302,9 @@ def main() -> int:
     parser.add_argument("--accounts", type=int, default=100)
     parser.add_argument("--per-account", type=int, default=20, help="payments per account")
     parser.add_argument("--duration", type=float, default=30.0, help="measured seconds")
-    parser.add_argument("--profile", action="store_true", help="py-spy one worker process")
+    parser.add_argument(
+        "--profile", default="", metavar="PxT", help="py-spy one worker process of this config"
+    )
     parser.add_argument("--quick", action="store_true", help="one config, 15 s")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
@@ -297,7 +321,7 @@ def main() -> int:
             accounts=args.accounts,
             per_account=args.per_account,
             duration=args.duration,
-            profile=args.profile,
+            profile=args.profile == config,
         )
         print(
             f"{r.config}: {r.per_second:.0f} calls/s ({100 * r.share:.0f}% of 500), "
