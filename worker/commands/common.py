@@ -7,6 +7,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import redis
+
 from worker.errors import ConfigError, PaypollError
 from worker.settings import Settings, load_settings
 
@@ -31,6 +33,11 @@ def run_or_report(action: Callable[[], T]) -> T:
         raise SystemExit(2) from None
     except PaypollError as exc:
         print(f"paypoll: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except redis.RedisError as exc:
+        # A wrong password or an unreachable Redis is an operator's problem, not a crash.
+        # redis-py's messages name host and port, never the password of the URL.
+        print(f"paypoll: Redis: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
