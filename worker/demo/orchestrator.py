@@ -125,7 +125,6 @@ class Demo:
         self.sandbox_url = ""
         self.metrics_url = ""
         self.producer: Producer | None = None
-        self._last: dict[str, tuple[float, int]] = {}  # client_id -> (time, total) for req/s
 
     def run(self) -> int:
         """Start, submit, watch, summarise, stop; 0 when every payment is final, 1 on error or
@@ -233,17 +232,15 @@ class Demo:
 
     def _account_lines(self, stats: Mapping[str, Any]) -> list[AccountLine]:
         lines = []
-        now = time.monotonic()
         for account in self.plan.accounts:
             seen = stats["clients"].get(account.client_id, {})
-            total = int(seen.get("total", 0))
-            then, before = self._last.get(account.client_id, (self.started, 0))
-            rps = (total - before) / (now - then) if now > then else 0.0
-            self._last[account.client_id] = (now, total)
             lines.append(
                 AccountLine(
                     name=account.name,
-                    rps=rps,
+                    # Counted on the sandbox's clock over its last second: the rate the API saw.
+                    rps=probes.accepted_in_last_second(
+                        seen.get("accepted_times", []), float(stats["now"])
+                    ),
                     limit=account.rate,
                     peak_1s=int(seen.get("max_accepted_in_1s", 0)),
                     rate_limited=int(seen.get("rate_limited", 0)),
@@ -253,7 +250,7 @@ class Demo:
 
     def _progress(self) -> Progress:
         assert self.producer is not None
-        stats = probes.sandbox_stats(self.sandbox_url)
+        stats = probes.sandbox_stats(self.sandbox_url, times=True)
         return Progress(
             elapsed=time.monotonic() - self.started,
             total=self.options.payments,

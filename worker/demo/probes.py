@@ -21,13 +21,25 @@ _BUCKET = re.compile(r"^(?P<name>[a-z_]+)_bucket\{(?P<labels>[^}]*)\}\s+(?P<valu
 _LE = re.compile(r'(?:^|,)le="(?P<le>[^"]+)"')
 
 
-def sandbox_stats(url: str, *, payments: bool = False) -> dict[str, Any]:
-    """The sandbox's ``GET /_admin/stats`` document (without per-payment data by default)."""
-    query = "" if payments else "?payments=0"
+def sandbox_stats(url: str, *, payments: bool = False, times: bool = False) -> dict[str, Any]:
+    """The sandbox's ``GET /_admin/stats`` document (without per-payment data by default; with
+    each key's accepted arrival times when ``times``)."""
+    query = f"?payments={int(payments)}&times={int(times)}"
     answer = requests.get(f"{url}/_admin/stats{query}", timeout=HTTP_TIMEOUT)
     answer.raise_for_status()
     data: dict[str, Any] = answer.json()
     return data
+
+
+def accepted_in_last_second(times: list[float], now: float) -> int:
+    """How many of the ascending arrival ``times`` fall in the window (now - 1 s, now]."""
+    count = 0
+    for at in reversed(times):
+        if at <= now - 1.0:
+            break
+        if at <= now:
+            count += 1
+    return count
 
 
 def metrics_text(url: str) -> str:

@@ -18,10 +18,10 @@ BAR_WIDTH = 30  # characters of the progress bar
 
 @dataclass(frozen=True)
 class AccountLine:
-    """One API key as the sandbox saw it in the last interval."""
+    """One API key as the sandbox saw it."""
 
     name: str
-    rps: float  # requests per second over the last interval
+    rps: float  # requests the sandbox accepted in its last second
     limit: float  # the key's limit
     peak_1s: int  # the most requests the sandbox accepted in any 1-second window so far
     rate_limited: int  # 429s answered so far
@@ -48,7 +48,7 @@ def _states_text(counts: Mapping[str, int]) -> str:
 
 def _account_text(line: AccountLine) -> str:
     return (
-        f"{line.name}: {line.rps:4.1f}/{line.limit:g} req/s, peak {line.peak_1s} in 1s, "
+        f"{line.name}: {line.rps:g}/{line.limit:g} req/s now, peak {line.peak_1s} in 1s, "
         f"429s {line.rate_limited}"
     )
 
