@@ -11,10 +11,10 @@ fi
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-stamp=".venv/.paypoll-installed-$(sha1sum pyproject.toml | cut -c1-12)"
+EXTRAS="${PAYPOLL_EXTRAS:-test}"
+stamp=".venv/.paypoll-installed-$(cat pyproject.toml | sha1sum | cut -c1-12)-${EXTRAS//,/-}"
 if [ ! -f "$stamp" ]; then
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
-  rm -f .venv/.paypoll-installed-*
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[$EXTRAS]"
   touch "$stamp"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"
