@@ -175,7 +175,10 @@ def test_compose_mounts_exist_and_match_prometheus_and_grafana(compose: dict[str
     assert "/etc/prometheus" in " ".join(compose["services"]["prometheus"]["volumes"])
     assert "rule_files" in prometheus and (ROOT / "config/alerts.yml").is_file()
     # The scrape target is the worker service on its metrics port.
-    targets = re.findall(r'"([\w.-]+):(\d+)"', prometheus)
+    # Every scaled replica is found through Docker's DNS (dns_sd_configs on the service name).
+    names = re.findall(r'names: \["([\w.-]+)"\]', prometheus)
+    ports = re.findall(r"port: (\d+)", prometheus)
+    targets = [(name, port) for name in names for port in ports]
     port = compose["services"]["worker"]["environment"]["PAYPOLL_METRICS_PORT"]
     assert ("worker", port) in targets, targets
     datasource = (ROOT / "grafana/provisioning/datasources/prometheus.yml").read_text()
