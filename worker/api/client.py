@@ -293,6 +293,12 @@ class ApiClient:
         before_send: Callable[[], None] | None = None,
     ) -> T:
         """One HTTP call: limiter slot, send, bounded read, map, measure, log."""
+        # Built before the slot is taken: the time between a slot and the request on the wire
+        # is the jitter the limiter's margin must absorb, so nothing avoidable happens there
+        # (preparing reads the environment and ~/.netrc, and serialises the body).
+        prepared = self.session.prepare_request(
+            requests.Request(method, url, headers=dict(headers), json=json_body, data=form_body)
+        )
         # SlotTooFar propagates from here: nothing was sent, nothing is recorded as a call.
         try:
             waited = self._limiter.acquire(account.name, account.rate, max_wait=max_wait)
@@ -309,12 +315,8 @@ class ApiClient:
         error: ApiError | None = None
         try:
             try:
-                response = self.session.request(
-                    method,
-                    url,
-                    headers=dict(headers),
-                    json=json_body,
-                    data=form_body,
+                response = self.session.send(
+                    prepared,
                     timeout=self._timeout,
                     stream=True,  # so the body is read with a size bound
                     allow_redirects=False,  # a redirect would re-send credentials elsewhere

@@ -53,6 +53,11 @@ def new_session(*, pool_maxsize: int = POOL_MAXSIZE) -> requests.Session:
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.headers["User-Agent"] = USER_AGENT
+    # The client sends prepared requests (Session.send), which skips Session.request's merge of
+    # the environment's CA bundle; honour it here, as requests would.
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if bundle:
+        session.verify = bundle
     return session
 
 
