@@ -582,6 +582,7 @@ def run_chaos(config: ChaosConfig, *, progress: Callable[[str], None] | None = N
                 "CLI output": cli_output,
             },
         )
+        report.figures["429_near_redis_restart"] = _429s_near(logs, redis_restart)
         report.figures.update(
             {
                 "load_average": [round(x, 1) for x in os.getloadavg()],
@@ -747,6 +748,23 @@ def _judge(
         "limit_mode": "sliding",
         "rate": config.rate,
     }
+
+
+def _429s_near(logs: str, restart: Mapping[str, Any], window: float = 5.0) -> dict[str, int]:
+    """429s the fleets logged within ``window`` s after Redis came back, and in all."""
+    import datetime
+
+    back = restart.get("epoch", 0.0) + restart.get("down_s", 0.0)
+    near = total = 0
+    for line in logs.splitlines():
+        if '"status": 429' not in line:
+            continue
+        with contextlib.suppress(ValueError, KeyError):
+            stamp = json.loads(line)["timestamp"].replace("Z", "+00:00")
+            at = datetime.datetime.fromisoformat(stamp).timestamp()
+            total += 1
+            near += back <= at <= back + window
+    return {"within_5s_after_restart": near, "logged": total}
 
 
 def _scan_secrets(
