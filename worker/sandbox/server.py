@@ -52,6 +52,15 @@ class SandboxHandler(BaseHTTPRequestHandler):
     server_version = "paypoll-sandbox"
     server: SandboxServer
 
+    arrived: float = 0.0
+
+    def parse_request(self) -> bool:
+        # A request's arrival time is taken the moment its request line has been read, before
+        # parsing, the body, the state lock or a starved CPU can delay it: the rate limit judges
+        # when the client sent a request, not when this emulator got round to it.
+        self.arrived = time.time()
+        return super().parse_request()
+
     def do_GET(self) -> None:
         self._dispatch("GET")
 
@@ -119,6 +128,7 @@ class SandboxHandler(BaseHTTPRequestHandler):
                 authorization=authorization,
                 content_type=self.headers.get("Content-Type", ""),
                 body=body,
+                arrived=self.arrived,
             )
         for prefix in PAYMENT_PREFIXES:
             if path == prefix:
@@ -130,6 +140,7 @@ class SandboxHandler(BaseHTTPRequestHandler):
                     authorization=authorization,
                     content_type=self.headers.get("Content-Type", ""),
                     body=body,
+                    arrived=self.arrived,
                 )
             if path.startswith(prefix + "/") and path.count("/") == 3:
                 if method != "GET":
@@ -141,6 +152,7 @@ class SandboxHandler(BaseHTTPRequestHandler):
                     content_type="",
                     body=b"",
                     payment_id=path.rsplit("/", 1)[1],
+                    arrived=self.arrived,
                 )
         if method == "GET" and path.startswith("/pay/"):
             return sandbox.hosted_page(path.rsplit("/", 1)[1])

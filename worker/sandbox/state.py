@@ -84,6 +84,7 @@ class Sandbox:
             unknown_status_name=config.unknown_status_name,
         )
         self._lock = threading.Lock()
+        self._last_arrival = 0.0
         self._generation = 0
         self._init_state(config.faults)
 
@@ -111,6 +112,7 @@ class Sandbox:
         content_type: str,
         body: bytes,
         payment_id: str = "",
+        arrived: float | None = None,
     ) -> Answer:
         """Handle one API request to ``endpoint`` (token/create/get) and say what to answer.
 
@@ -118,7 +120,10 @@ class Sandbox:
         (5xx without processing) -> process (400/404/422/200) -> drop or malform a success.
         """
         with self._lock:
-            now = time.time()
+            # ``arrived`` (when the request line was read) rather than now; never earlier than
+            # a request already judged, so the windows see arrivals in order.
+            now = max(time.time() if arrived is None else arrived, self._last_arrival)
+            self._last_arrival = now
             if endpoint == "token":
                 client_id = _basic_client_id(authorization)
             else:
