@@ -31,14 +31,15 @@ def call_for(
     account: str,
     rate: float,
     threads: int,
-    start_at: float,
+    go: Queue[float],
     duration: float,
     out: Queue[Any],
     sandbox: tuple[str, str] | None = None,
 ) -> None:
-    """Run ``threads`` callers of ``account`` from ``start_at`` for ``duration`` seconds (wall
-    clock) and put the wall-clock start time of every granted call on ``out``, with the HTTP
-    status of each call when ``sandbox`` = (base URL, secret) is given.
+    """Say ready on ``out``, take a start time from ``go``, run ``threads`` callers of
+    ``account`` from then for ``duration`` seconds (wall clock), and put on ``out`` the
+    wall-clock start time of every granted call, with the HTTP status of each call when
+    ``sandbox`` = (base URL, secret) is given.
 
     A granted call to the sandbox is a token request (rate limited like every route), with
     ``account`` as client_id. A caller told SlotTooFar sleeps ``retry_in`` and asks again, as a
@@ -49,6 +50,8 @@ def call_for(
     starts: list[float] = []
     statuses: list[int] = []
     lock = threading.Lock()
+    out.put("ready")  # imports done: a loaded host may take seconds to get here
+    start_at = go.get(timeout=120)
 
     def caller() -> None:
         session = requests.Session()
@@ -97,16 +100,21 @@ def run_processes(
     """Start one process per (account, threads) in ``plan``; return start times per account
     (and fill ``statuses`` with the HTTP statuses per account, when given)."""
     out: Queue[Any] = SPAWN.Queue()
-    start_at = time.time() + 1.5  # leave the spawned interpreters time to import
+    go: Queue[float] = SPAWN.Queue()
     procs = [
         SPAWN.Process(
             target=call_for,
-            args=(redis_url, prefix, account, rate, threads, start_at, duration, out, sandbox),
+            args=(redis_url, prefix, account, rate, threads, go, duration, out, sandbox),
         )
         for account, threads in plan
     ]
     for p in procs:
         p.start()
+    for _ in procs:
+        assert out.get(timeout=120) == "ready"
+    start_at = time.time() + 0.2  # every process is ready: all start together
+    for _ in procs:
+        go.put(start_at)
     results: dict[str, list[float]] = {}
     for _ in procs:
         account, starts, codes = out.get(timeout=duration + 30)
