@@ -15,6 +15,7 @@ the lock's TTL.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import socket
@@ -100,17 +101,25 @@ class Sweeper:
         if not budgets:
             return result
         claims = self.store.claim_due_many(budgets, lease=s.sweep_grace, batch=self.batch)
+        per_account: list[list[tuple[str, str, str]]] = []
         for account, claim in claims.items():
             if claim.recovered:
                 log.warning("sweeper.recovered", account=account, steps=claim.recovered)
-            for ref in claim.creates:
-                self.send("create", account, ref)
-            for ref in claim.tracks:
-                self.send("track", account, ref)
+            per_account.append(
+                [("create", account, ref) for ref in claim.creates]
+                + [("track", account, ref) for ref in claim.tracks]
+            )
             result.dispatched_creates += len(claim.creates)
             result.dispatched_tracks += len(claim.tracks)
             result.recovered += claim.recovered
             result.most_overdue = max(result.most_overdue, claim.most_overdue)
+        # Round-robin over accounts: the queue is FIFO, so sending one account's steps in a row
+        # made every free thread wait on that account's next slots while other keys sat idle
+        # (benchmarks/throughput.py: 100 keys, 2x32 threads, 299 -> 375 calls/s).
+        for group in itertools.zip_longest(*per_account):
+            for step in group:
+                if step is not None:
+                    self.send(*step)
         return result
 
 
