@@ -51,7 +51,20 @@ def machine() -> str:
         .stdout.split()[2]
         .removeprefix("v=")
     )
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "worker"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
     return (
+        f"code at {commit}{' + uncommitted changes in worker/' if dirty else ''}; "
         f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, redis {redis_version}; "
         f"load average at start {' '.join(load)} (other engineers' work may be running)"
     )

@@ -267,6 +267,9 @@ def main() -> int:
             latest = max(latest, due)
     repolled = sum(1 for ref in used if used[ref] > 1)
     per_account_polls = [len(v) for v in by_account.values()]
+    from worker.sweeper import inflight_budget
+
+    budget = inflight_budget(RATE, settings.max_wait, settings.sweep_interval)
     rss_rows = [
         f"pid {pid}: VmRSS {r[0] / 1024:.0f} MiB (peak {r[1] / 1024:.0f} MiB)"
         for pid, r in rss.items()
@@ -309,8 +312,8 @@ def main() -> int:
         + f". Messages in dramatiq queues at the end: {queue_len}; steps in "
         f"flight (leased): {end_inflight}; due and waiting in Redis: {end_due:,}. Baseline "
         f"(design.md): one 8-thread dramatiq worker held {DRAMATIQ_HELD_IN_WORKER:,} delayed "
-        "messages in memory; here a worker holds at most the in-flight budget (about 17 "
-        "steps per key), the rest wait in the ZSETs.",
+        "messages in memory; here a worker holds at most the in-flight budget (at most "
+        f"{budget} steps per key), the rest wait in the ZSETs.",
         "",
         f"Polls under saturation: {polls_per_s:.1f} GETs/s answered by the sandbox (limit "
         f"{RATE * args.accounts:.0f}/s), 429s {limited}, largest accepted per key in 1 s "

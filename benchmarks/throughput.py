@@ -58,6 +58,8 @@ class Result:
     redis_cpu: float
     by_route: dict[str, int]
     jobs: dict[str, float]
+    limiter_wait: float  # mean seconds a granted call slept for its slot
+    call_seconds: float  # mean seconds of an API call (HTTP only)
     profile: list[tuple[str, float, float]] | None = None
     profile_self: list[tuple[str, float]] | None = None
 
@@ -93,6 +95,7 @@ def _profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | N
             str(int(seconds)),
             "--rate",
             "200",
+            "--gil",  # only the thread holding the GIL: Python CPU, not threads blocked on I/O
             "--format",
             "raw",
             "--output",
@@ -104,7 +107,7 @@ def _profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | N
     )
 
 
-def _top_costs(path: Path, top: int = 18) -> list[tuple[str, float, float]]:
+def _top_costs(path: Path, top: int = 30) -> list[tuple[str, float, float]]:
     """(function, % of busy samples inside it incl. callees, % self) from py-spy raw output,
     per function (line numbers dropped); frames waiting on a socket, lock or sleep dropped."""
     inclusive: collections.Counter[str] = collections.Counter()
@@ -148,6 +151,13 @@ def _top_self(path: Path, top: int = 10) -> list[tuple[str, float]]:
         own[leaf] += int(count)
         busy += int(count)
     return [(f, 100 * c / busy) for f, c in own.most_common(top)] if busy else []
+
+
+def _mean(m0: dict[str, float], m1: dict[str, float], histogram: str) -> float:
+    """Mean of a Prometheus histogram between two scrapes (NaN when nothing was observed)."""
+    count = m1.get(f"{histogram}_count", 0.0) - m0.get(f"{histogram}_count", 0.0)
+    total = m1.get(f"{histogram}_sum", 0.0) - m0.get(f"{histogram}_sum", 0.0)
+    return total / count if count else float("nan")
 
 
 def run_config(
@@ -204,7 +214,7 @@ def run_config(
             r1 = cpu_seconds([st.redis.process.pid])  # type: ignore[union-attr]
             elapsed = time.monotonic() - t0
             if spy is not None:
-                spy.wait(60)
+                spy.wait(240)
             alive = fleet.worker_pids()
             if sorted(alive) != sorted(pids):
                 raise RuntimeError(f"worker processes changed during the run: {pids} -> {alive}")
@@ -225,6 +235,8 @@ def run_config(
             sandbox_cpu=sb1 - sb0,
             redis_cpu=r1 - r0,
             by_route={k: v for k, v in by_route.items() if v},
+            limiter_wait=_mean(m0, m1, "paypoll_limiter_wait_seconds"),
+            call_seconds=_mean(m0, m1, "paypoll_api_call_seconds"),
             jobs={
                 k.split("=", 1)[1].rstrip("}"): m1[k] - m0.get(k, 0.0)
                 for k in m1
@@ -254,15 +266,16 @@ def render(results: list[Result], args: argparse.Namespace, start_machine: str) 
         f"Machine: {start_machine}. Sandbox, Redis, the fleet and this script share the 2 cores.",
         "",
         "| processes x threads | API calls/s | share of 500 | 429s | max accepted per key in 1 s "
-        "| jobs by outcome | worker CPU per call | worker CPU (cores) | sandbox CPU (cores) "
+        "| jobs by outcome | mean limiter wait | mean HTTP call | worker CPU per call | worker CPU (cores) | sandbox CPU (cores) "
         "| Redis CPU (cores) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         jobs = ", ".join(f"{k} {v:.0f}" for k, v in sorted(r.jobs.items()))
         lines.append(
             f"| {r.config} | {r.per_second:.0f} | {100 * r.share:.0f}% | {r.rate_limited} | "
-            f"{r.max_in_1s} | {jobs} | "
+            f"{r.max_in_1s} | {jobs} | {1000 * r.limiter_wait:.0f} ms | "
+            f"{1000 * r.call_seconds:.1f} ms | "
             f"{r.cpu_ms_per_call:.2f} ms | {r.worker_cpu / r.seconds:.2f} | "
             f"{r.sandbox_cpu / r.seconds:.2f} | {r.redis_cpu / r.seconds:.2f} |"
         )
@@ -273,12 +286,21 @@ def render(results: list[Result], args: argparse.Namespace, start_machine: str) 
         + ", ".join(f"{k} {v}" for k, v in sorted(best.by_route.items()))
         + ".",
     ]
+    return "\n".join(lines)
+
+
+def render_profile(results: list[Result], args: argparse.Namespace) -> str:
+    lines: list[str] = []
     for r in results:
         if r.profile:
             lines += [
+                "#### Where the worker's CPU goes",
                 "",
-                f"py-spy profile of one worker process ({r.config}, 200 Hz, idle threads not "
-                "sampled), share of busy samples and the CPU per API call it stands for:",
+                f"`.venv/bin/python benchmarks/throughput.py{''.join(' ' + a for a in sys.argv[1:])}`: "
+                f"{r.per_second:.0f} calls/s, {r.cpu_ms_per_call:.2f} ms worker CPU per call. "
+                f"py-spy profile of one worker process ({r.config}, 200 Hz, `--gil`: only the "
+                "thread holding the GIL is sampled, i.e. Python CPU time), share of samples and "
+                "the CPU per API call it stands for:",
                 "",
                 "| function (inclusive of callees) | share | CPU per API call |",
                 "|---|---|---|",
@@ -305,6 +327,11 @@ def main() -> int:
     parser.add_argument(
         "--profile", default="", metavar="PxT", help="py-spy one worker process of this config"
     )
+    parser.add_argument(
+        "--profile-only",
+        action="store_true",
+        help="with --write-docs, write only the profile section (keep the table)",
+    )
     parser.add_argument("--quick", action="store_true", help="one config, 15 s")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
@@ -325,16 +352,20 @@ def main() -> int:
         )
         print(
             f"{r.config}: {r.per_second:.0f} calls/s ({100 * r.share:.0f}% of 500), "
-            f"429s {r.rate_limited}, max/key/1s {r.max_in_1s}, jobs {r.jobs}, worker CPU "
+            f"429s {r.rate_limited}, max/key/1s {r.max_in_1s}, jobs {r.jobs}, limiter wait {1000 * r.limiter_wait:.0f} ms, "
+            f"call {1000 * r.call_seconds:.1f} ms, worker CPU "
             f"{r.cpu_ms_per_call:.2f} ms/call ({r.worker_cpu / r.seconds:.2f} cores), sandbox "
             f"{r.sandbox_cpu / r.seconds:.2f} cores, redis {r.redis_cpu / r.seconds:.2f} cores",
             flush=True,
         )
         results.append(r)
     text = render(results, args, start_machine)
-    print(text)
-    if args.write_docs:
+    profile = render_profile(results, args)
+    print(text + "\n\n" + profile)
+    if args.write_docs and not args.profile_only:
         write_section("throughput", text)
+    if args.write_docs and profile:
+        write_section("throughput-profile", profile)
     return 0
 
 
