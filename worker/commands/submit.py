@@ -157,5 +157,3 @@ def _submit_file(producer: object, args: argparse.Namespace) -> int:
             f"in {seconds:.2f}s"
         )
     return 1 if result.errors else 0
-
-
