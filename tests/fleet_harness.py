@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -84,19 +85,22 @@ class RunningFleet:
         """Everything the fleet logged so far."""
         return Path(self.log.name).read_text(errors="replace")
 
-    def children(self) -> list[int]:
-        """PIDs of the supervisor's worker processes."""
-        try:
-            out = subprocess.run(
-                ["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True, check=False
-            ).stdout
-        except FileNotFoundError:  # pragma: no cover - procps missing
-            return []
-        return [int(p) for p in out.split()]
+    def workers(self) -> list[int]:
+        """PIDs of the worker processes that said they started and are still alive.
+
+        (The supervisor has another child, multiprocessing's resource tracker: never it.)
+        """
+        pids = []
+        for line in self.output().splitlines():
+            if '"worker.started"' in line:
+                pid = int(json.loads(line)["pid"])
+                if Path(f"/proc/{pid}").exists():
+                    pids.append(pid)
+        return pids
 
     def kill_worker(self) -> int | None:
         """SIGKILL one worker process (the supervisor restarts it); its PID, or None."""
-        for pid in self.children():
+        for pid in self.workers():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
                 return pid

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.fleet_harness import paypoll_env, running_fleet, wait_started, write_accounts
+from tests.redis_server import free_port
 from tests.sandbox_fixture import RunningSandbox, running_sandbox
 from tests.waiting import wait_until
 from worker.producer import Producer
@@ -127,7 +128,9 @@ def test_killed_worker_loses_nothing_and_creates_nothing_twice(
         wait_until(lambda: producer.counts()["pending"] >= 20, timeout=30, what="tracking")
         killed = fleet.kill_worker()
         assert killed is not None
-        with running_fleet(env, processes=1, threads=8) as second:
+        # A second fleet, as on another host: its own metrics port.
+        other_host = dict(env, PAYPOLL_METRICS_PORT=str(free_port()))
+        with running_fleet(other_host, processes=1, threads=8) as second:
             wait_started(second, 1)
             # The first fleet's supervisor restarts its worker too; both fleets share the work.
             wait_all_final(producer, 120, timeout=120)
