@@ -39,3 +39,13 @@ def test_same_seed_same_schedule() -> None:
     a = [schedule.delay(n, random.Random(42)) for n in range(10)]
     b = [schedule.delay(n, random.Random(42)) for n in range(10)]
     assert a == b
+
+
+def test_jitter_share_bounds_the_delay() -> None:
+    rng = random.Random(5)
+    fixed = PollSchedule(first_delay=4, factor=1, max_delay=4, jitter=0.0)
+    assert {fixed.delay(n, rng) for n in range(5)} == {4.0}
+    half = PollSchedule(first_delay=4, factor=1, max_delay=4, jitter=0.5)
+    delays = [half.delay(3, rng) for _ in range(200)]
+    assert min(delays) >= 2.0
+    assert max(delays) <= 4.0

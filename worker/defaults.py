@@ -30,7 +30,8 @@ PENALTY_MAX = 60.0  # a Retry-After larger than this is capped (a broken header 
 # --- tracking schedule -------------------------------------------------------------------------
 POLL_FIRST_DELAY = 2.0  # seconds after create before the first poll: payers need time to pay
 POLL_FACTOR = 1.6  # growth of the delay between polls
-POLL_MAX_DELAY = 60.0  # no payment waits longer than this between polls
+POLL_MAX_DELAY = 20.0  # cap between polls; 60 s made the p95 notice delay 44 s (docs/benchmarks.md)
+POLL_JITTER = 1.0  # share of each delay drawn at random: 1 = full jitter, 0 = none
 TRACKING_TIMEOUT = 86_400.0  # seconds after create after which tracking stops (tracking_timeout)
 
 # --- create retries ----------------------------------------------------------------------------

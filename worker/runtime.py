@@ -56,5 +56,6 @@ class Runtime:
                 factor=settings.poll_factor,
                 max_delay=settings.poll_max_delay,
                 tracking_timeout=settings.tracking_timeout,
+                jitter=settings.poll_jitter,
             ),
         )

@@ -16,12 +16,17 @@ MIN_POLL_DELAY = 0.5  # seconds; full jitter may draw ~0, and a poll that soon l
 
 @dataclass(frozen=True)
 class PollSchedule:
-    """Exponential backoff with full jitter between polls, a cap, and an overall deadline."""
+    """Exponential backoff with jitter between polls, a cap, and an overall deadline.
+
+    ``jitter`` is the share of each delay drawn at random: 1 is full jitter (a delay uniform in
+    [0, ceiling]), 0 a fixed delay of ``ceiling``, 0.5 uniform in [ceiling/2, ceiling].
+    """
 
     first_delay: float = defaults.POLL_FIRST_DELAY
     factor: float = defaults.POLL_FACTOR
     max_delay: float = defaults.POLL_MAX_DELAY
     tracking_timeout: float = defaults.TRACKING_TIMEOUT
+    jitter: float = defaults.POLL_JITTER
 
     def ceiling(self, polls: int) -> float:
         """The largest delay after ``polls`` polls: ``first_delay * factor**polls``, capped."""
@@ -29,9 +34,10 @@ class PollSchedule:
         return min(self.max_delay, self.first_delay * self.factor ** min(polls, 64))
 
     def delay(self, polls: int, rng: random.Random) -> float:
-        """Seconds until the next poll after ``polls`` polls (full jitter in [0, ceiling])."""
+        """Seconds until the next poll after ``polls`` polls: uniform in
+        [ceiling * (1 - jitter), ceiling], never under MIN_POLL_DELAY (or the ceiling)."""
         ceiling = self.ceiling(polls)
-        return max(min(MIN_POLL_DELAY, ceiling), rng.uniform(0.0, ceiling))
+        return max(min(MIN_POLL_DELAY, ceiling), rng.uniform(ceiling * (1 - self.jitter), ceiling))
 
     def deadline(self, created_at: float) -> float:
         """When tracking of a payment created at ``created_at`` gives up."""

@@ -107,6 +107,13 @@ def _parse_positive_int(raw: str) -> int:
     return value
 
 
+def _parse_share(raw: str) -> float:
+    value = _number(raw)
+    if not 0 <= value <= 1:
+        raise ValueError("expected a share between 0 and 1")
+    return value
+
+
 def _parse_port(raw: str) -> int:
     value = _whole(raw)
     if not 0 <= value <= 65535:
@@ -167,6 +174,7 @@ class Settings:
     poll_first_delay: float = defaults.POLL_FIRST_DELAY
     poll_factor: float = defaults.POLL_FACTOR
     poll_max_delay: float = defaults.POLL_MAX_DELAY
+    poll_jitter: float = defaults.POLL_JITTER
     tracking_timeout: float = defaults.TRACKING_TIMEOUT
     create_max_attempts: int = defaults.CREATE_MAX_ATTEMPTS
     retry_base_delay: float = defaults.RETRY_BASE_DELAY
@@ -226,6 +234,7 @@ ENV_HELP: dict[str, tuple[Callable[[str], Any], str]] = {
     "poll_first_delay": (_parse_positive_float, "Seconds from create to the first poll"),
     "poll_factor": (_parse_positive_float, "Growth factor of the delay between polls"),
     "poll_max_delay": (_parse_positive_float, "Longest delay between two polls"),
+    "poll_jitter": (_parse_share, "Share of each poll delay drawn at random (1: full jitter)"),
     "tracking_timeout": (_parse_positive_float, "Seconds after create when tracking gives up"),
     "create_max_attempts": (_parse_positive_int, "Attempts of a create on safe-to-retry failures"),
     "retry_base_delay": (_parse_positive_float, "First backoff (s) after a safe-to-retry failure"),
