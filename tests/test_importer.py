@@ -60,3 +60,11 @@ def test_jsonl_uses_the_default_account_and_reports_bad_lines() -> None:
 def test_missing_account_says_how_to_fix() -> None:
     result = load(b'{"amount": "1", "redirect_url": "https://s.test/a"}\n', "jsonl")
     assert result.errors[0].field == "account" and "--account" in result.errors[0].reason
+
+
+def test_a_nul_byte_is_a_bad_row_not_a_crash() -> None:
+    # Found by hypothesis: a NUL byte once collided with an in-band error marker.
+    result = load(b"\x00\n\x00abc\n", "jsonl", default_account="acme")
+    assert [(e.line, e.field) for e in result.errors] == [(1, "json"), (2, "json")]
+    csv_result = load(b"amount,redirect_url\n\x00,https://s.test/a\n", "csv", "acme")
+    assert [(e.line, e.field) for e in csv_result.errors] == [(2, "amount")]

@@ -7,7 +7,6 @@ memory beyond the valid payments kept for submission.
 
 from __future__ import annotations
 
-import codecs
 import csv
 import io
 import json
@@ -57,34 +56,26 @@ def detect_format(path: str | Path) -> str:
     raise ValidationError("file", f"{path}: unknown format; name it .csv or .jsonl")
 
 
-def _lines(raw: IO[bytes]) -> Iterator[tuple[int, str]]:
-    """Decoded lines with their numbers; a line that is not UTF-8 yields an error marker."""
-    decoder = codecs.getincrementaldecoder("utf-8-sig")
+def _lines(raw: IO[bytes]) -> Iterator[tuple[int, str | RowError]]:
+    """Decoded lines with their numbers, or the RowError of a line that cannot be read."""
     for number, line in enumerate(raw, start=1):
         if len(line) > MAX_LINE:
-            yield number, "\x00too-long"
+            yield number, RowError(number, "line", f"longer than {MAX_LINE} bytes")
             continue
         try:
-            yield (
-                number,
-                decoder().decode(line, final=True) if number == 1 else line.decode("utf-8"),
-            )
+            # A UTF-8 byte order mark is allowed at the start of the file only.
+            yield number, line.decode("utf-8-sig" if number == 1 else "utf-8")
         except UnicodeDecodeError as exc:
-            yield number, f"\x00encoding:{exc.reason} at byte {exc.start}"
-
-
-def _row_error(number: int, marker: str) -> RowError:
-    if marker == "\x00too-long":
-        return RowError(number, "line", f"longer than {MAX_LINE} bytes")
-    return RowError(number, "encoding", f"not UTF-8 ({marker.split(':', 1)[1]})")
+            reason = f"not UTF-8 ({exc.reason} at byte {exc.start})"
+            yield number, RowError(number, "encoding", reason)
 
 
 def read_rows(raw: IO[bytes], fmt: str) -> Iterator[tuple[int, Mapping[str, Any] | RowError]]:
     """(line number, row as a mapping or the RowError that line is) for every data row."""
     if fmt == "jsonl":
         for number, text in _lines(raw):
-            if text.startswith("\x00"):
-                yield number, _row_error(number, text)
+            if isinstance(text, RowError):
+                yield number, text
                 continue
             if not text.strip():
                 continue
@@ -103,11 +94,10 @@ def read_rows(raw: IO[bytes], fmt: str) -> Iterator[tuple[int, Mapping[str, Any]
         return
     header: list[str] | None = None
     for number, text in _lines(raw):
-        if text.startswith("\x00"):
+        if isinstance(text, RowError):
+            yield number, text
             if header is None:
-                yield number, _row_error(number, text)
-                return
-            yield number, _row_error(number, text)
+                return  # without a readable header no row can be read
             continue
         if not text.strip():
             continue
