@@ -262,11 +262,12 @@ class ChaosConfig:
     tracking_timeout: float = 900.0  # far beyond the run: no tracking_timeout expected
     seed: int = 7
     time_limit: float = 110.0  # seconds for every payment to become final
-    # 429s tolerated, as a share of requests: the limiter spaces slots on the Redis clock, but
-    # what happens between a slot and the bytes reaching the sandbox (thread scheduling, the
-    # create's Redis write) is jitter it cannot control; on an overloaded host it exceeds the
-    # margin now and then. Every 429 is reported with the jitter measured (arrival_gap_ms).
-    max_429_share: float = 0.01
+    # 429s tolerated, as a share of requests: none. The limiter spaces slots on the Redis clock,
+    # and its AOF-backed state survives the Redis restart, so not even the restart should cost
+    # one (the 1,000-payment soak on a quiet host saw 0). What happens between a slot and the
+    # bytes reaching the sandbox (thread scheduling) is jitter it cannot control: on a host
+    # loaded beyond OVERLOADED per CPU the count is reported, not asserted.
+    max_429_share: float = 0.0
     workdir: Path | None = None
 
 
