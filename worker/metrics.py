@@ -131,6 +131,18 @@ def record_far_slot(account: str) -> None:
     LIMITER_FAR.labels(account).inc()
 
 
+LIMITER_LATE = Counter(
+    "paypoll_limiter_late_slots_total",
+    "Slots left unused because the caller woke up too late for them (a CPU-starved host)",
+    ["account"],
+)
+
+
+def record_late_slot(account: str) -> None:
+    """A caller woke too late for its slot and took a fresh one."""
+    LIMITER_LATE.labels(account).inc()
+
+
 def record_penalty(account: str) -> None:
     """A 429 penalty was applied to ``account``'s key."""
     LIMITER_PENALTIES.labels(account).inc()
