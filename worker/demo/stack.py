@@ -37,10 +37,6 @@ FLEET_ENV = {
     "POLL_FACTOR": "1.3",
     "POLL_MAX_DELAY": "2",
     "SWEEP_INTERVAL": "0.2",
-    # Slots 20 ms further apart than 1/rate (4.5 req/s at rate 5): six requests then span 1.1 s,
-    # so a request sent up to 100 ms late (a busy CPU wakes a sleeping thread late) does not put
-    # six into one second. The default 5 ms margin is for unloaded hosts.
-    "RATE_MARGIN": "0.02",
     "TRACKING_TIMEOUT": "120",
     "LOG_FORMAT": "json",
     "LOG_LEVEL": "WARNING",
