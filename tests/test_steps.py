@@ -1,6 +1,6 @@
 """The create and track steps, run directly against the real sandbox and a real Redis.
 
-Each test drives one decision of worker/steps.py: at-most-once creates across redeliveries,
+Each test drives one decision of worker/steps/: at-most-once creates across redeliveries,
 retries that do or do not use up attempts, and every visible end state.
 """
 

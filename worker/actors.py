@@ -2,7 +2,7 @@
 
 Actors are declared on a broker passed in (no global broker, no connection at import time). Each
 worker process builds one Runtime and installs it with :func:`install_runtime` before its dramatiq
-Worker starts; the actors run worker/steps.py with it. Retries are decided by the steps (which
+Worker starts; the actors run worker/steps/ with it. Retries are decided by the steps (which
 reschedule through the store), so dramatiq's Retries middleware never re-runs these actors.
 """
 

@@ -154,7 +154,7 @@ class ApiClient:
 
         ``before_send`` is called once the rate-limit slot and the token are in hand, right
         before the request goes on the wire; if it raises, nothing is sent and its exception
-        propagates (the create actor marks the payment "sent" there, see worker/steps.py). It
+        propagates (the create actor marks the payment "sent" there, see worker/steps/create.py). It
         runs before each attempt: twice when a 401 forced one token renewal.
 
         Sent once: never retried here. Raises RejectedInput (400/422), RateLimited, ServerError,

@@ -1,0 +1,93 @@
+"""What the create and track steps share: durable writes, error text, transition side effects
+and rescheduling."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import redis
+import structlog
+
+from worker import metrics
+from worker.errors import ApiError
+from worker.runtime import Runtime
+from worker.store import PaymentRecord, State, Transition
+from worker.store.states import API_TERMINAL
+
+log = structlog.get_logger("paypoll.steps")
+
+T = TypeVar("T")
+
+REDIS_RETRY_FOR = 20.0  # seconds a step keeps retrying its final write while Redis is away
+
+
+def persist(write: Callable[[], T]) -> T:
+    """Run a store write, retrying while Redis is unreachable (a restart), up to a bound.
+
+    The outcome of an API call must not be dropped because Redis blinked: a created payment
+    whose id is lost would later be judged ``create_unknown``.
+    """
+    deadline = time.monotonic() + REDIS_RETRY_FOR
+    delay = 0.1
+    while True:
+        try:
+            return write()
+        except (redis.ConnectionError, redis.TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+def describe(exc: ApiError) -> str:
+    """The error as stored in ``last_error`` and shown to operators (never a secret)."""
+    text = f"{type(exc).__name__}: {exc}"
+    validation = getattr(exc, "validation_errors", None)
+    if validation:
+        text += " " + "; ".join(f"{k}: {v}" for k, v in sorted(validation.items()))
+    return text[:1000]
+
+
+def record_move(rt: Runtime, rec: PaymentRecord, target: State, moved: Transition) -> None:
+    """Metrics, log and callback for a transition that happened."""
+    if not moved.moved or moved.previous == target.value:
+        return
+    metrics.record_transition(rec.account, target.value)
+    log.info("payment.transition", state_from=moved.previous, state_to=target.value)
+    if target in API_TERMINAL or target in (
+        State.REJECTED,
+        State.CREATE_UNKNOWN,
+        State.TRACKING_TIMEOUT,
+        State.FAILED,
+    ):
+        since = moved.now - moved.submitted_at if moved.submitted_at else 0.0
+        metrics.record_terminal(rec.account, target.value, since, moved.polls)
+        if rt.on_final is not None:
+            rt.on_final(rec.account, rec.reference_id, target.value)
+
+
+def reschedule(
+    rt: Runtime,
+    rec: PaymentRecord,
+    state: State,
+    step: str,
+    delay: float,
+    *,
+    guard: tuple[str, str] | None = None,
+    fields: dict[str, str | int | float] | None = None,
+) -> Transition:
+    """Keep the payment in ``state`` and make its next ``step`` due ``delay`` seconds from now."""
+    return persist(
+        lambda: rt.store.transition(
+            rec.account,
+            rec.reference_id,
+            state,
+            sources=[state],
+            next_step=step,
+            delay=delay,
+            guard=guard,
+            fields=fields,
+        )
+    )
