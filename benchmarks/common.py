@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests import fleet_harness  # noqa: E402
 from tests.redis_server import RedisServer, free_port  # noqa: E402
 from tests.sandbox_fixture import RunningSandbox  # noqa: E402
 
@@ -107,19 +108,8 @@ def make_accounts(count: int) -> list[BenchAccount]:
 
 def write_accounts_file(accounts: Sequence[BenchAccount], rate: float, directory: Path) -> Path:
     """An accounts TOML (mode 600, as settings require) for PAYPOLL_ACCOUNTS_FILE."""
-    path = directory / "accounts.toml"
-    lines = []
-    for a in accounts:
-        lines += [
-            f"[accounts.{a.name}]",
-            f'client_id = "{a.client_id}"',
-            f'client_secret = "{a.secret}"',
-            f"rate = {rate}",
-            "",
-        ]
-    path.write_text("\n".join(lines))
-    path.chmod(0o600)
-    return path
+    entries = ((a.name, a.client_id, a.secret) for a in accounts)
+    return fleet_harness.write_accounts_file(directory / "accounts.toml", entries, rate=rate)
 
 
 def sandbox_clients(accounts: Sequence[BenchAccount]) -> list[str]:

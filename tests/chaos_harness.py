@@ -40,6 +40,7 @@ from typing import Any
 import redis
 import requests
 
+from tests.fleet_harness import write_accounts_file
 from tests.redis_server import RedisServer, free_port
 from tests.sandbox_fixture import RunningSandbox
 from tests.waiting import wait_until
@@ -83,17 +84,8 @@ def make_accounts(count: int, *, rng: random.Random | None = None) -> list[Chaos
 
 def write_accounts(path: Path, accounts: list[ChaosAccount], *, mode: int = 0o600) -> Path:
     """Write the TOML accounts file paypoll reads (PAYPOLL_ACCOUNTS_FILE), chmod ``mode``."""
-    lines = []
-    for acct in accounts:
-        lines += [
-            f"[accounts.{acct.name}]",
-            f'client_id = "{acct.client_id}"',
-            f'client_secret = "{acct.client_secret}"',
-            "",
-        ]
-    path.write_text("\n".join(lines), encoding="utf-8")
-    path.chmod(mode)
-    return path
+    entries = ((a.name, a.client_id, a.client_secret) for a in accounts)
+    return write_accounts_file(path, entries, mode=mode)
 
 
 def paypoll_command() -> list[str]:

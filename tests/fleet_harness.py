@@ -10,27 +10,41 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from tests.redis_server import free_port
 
 
-def write_accounts(directory: Path, clients: Mapping[str, str], rate: float) -> Path:
-    """An accounts file (chmod 600) naming each client_id as its own account alias."""
-    path = directory / "accounts.toml"
+def write_accounts_file(
+    path: Path,
+    accounts: Iterable[tuple[str, str, str]],
+    *,
+    rate: float | None = None,
+    mode: int = 0o600,
+) -> Path:
+    """The TOML accounts file paypoll reads (PAYPOLL_ACCOUNTS_FILE): one table per
+    (alias, client_id, client_secret), with ``rate`` when given; chmod ``mode``."""
     lines = []
-    for client_id, secret in clients.items():
+    for alias, client_id, secret in accounts:
         lines += [
-            f"[accounts.{client_id}]",
+            f"[accounts.{alias}]",
             f'client_id = "{client_id}"',
             f'client_secret = "{secret}"',
-            f"rate = {rate}",
-            "",
         ]
-    path.write_text("\n".join(lines))
-    path.chmod(0o600)
+        if rate is not None:
+            lines.append(f"rate = {rate}")
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+    path.chmod(mode)
     return path
+
+
+def write_accounts(directory: Path, clients: Mapping[str, str], rate: float) -> Path:
+    """An accounts file (chmod 600) naming each client_id as its own account alias."""
+    return write_accounts_file(
+        directory / "accounts.toml", ((c, c, secret) for c, secret in clients.items()), rate=rate
+    )
 
 
 def paypoll_env(
