@@ -26,6 +26,9 @@ from worker.sandbox.state import TOKEN_ROUTE, Sandbox
 # Payment paths: the OpenAPI reference's spelling and the FAQ's (api-contract.md).
 PAYMENT_PREFIXES = ("/payments/request", "/payment/request")
 MAX_BODY = 1 << 20  # bytes; larger bodies are refused with 413
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux's value; Python names it 3.12+
+SCM_TIMESTAMPNS = getattr(socket, "SCM_TIMESTAMPNS", SO_TIMESTAMPNS)
+_TIMESPEC = struct.Struct("qq")  # struct timespec: seconds, nanoseconds
 
 
 class SandboxServer(ThreadingHTTPServer):
@@ -53,12 +56,44 @@ class SandboxHandler(BaseHTTPRequestHandler):
     server: SandboxServer
 
     arrived: float = 0.0
+    _kernel_arrival: float | None = None
+    _kernel_stamps = False
+
+    def setup(self) -> None:
+        super().setup()
+        # Ask the kernel to stamp each received packet with the wall clock (Linux).
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            self._kernel_stamps = True
+        except (OSError, AttributeError):
+            self._kernel_stamps = False
+
+    def handle_one_request(self) -> None:
+        self._kernel_arrival = self._peek_arrival() if self._kernel_stamps else None
+        super().handle_one_request()
+
+    def _peek_arrival(self) -> float | None:
+        """When the next request's first bytes reached this socket (kernel timestamp), read
+        without consuming them; None when unknown. Clients of this API never pipeline, so
+        the buffered reader holds nothing of the next request when this blocks for it."""
+        try:
+            _, ancillary, _, _ = self.connection.recvmsg(
+                1, socket.CMSG_SPACE(_TIMESPEC.size), socket.MSG_PEEK
+            )
+        except OSError:
+            return None
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == SCM_TIMESTAMPNS:
+                seconds, nanos = _TIMESPEC.unpack(data[: _TIMESPEC.size])
+                return float(seconds + nanos / 1e9)
+        return None
 
     def parse_request(self) -> bool:
-        # A request's arrival time is taken the moment its request line has been read, before
-        # parsing, the body, the state lock or a starved CPU can delay it: the rate limit judges
-        # when the client sent a request, not when this emulator got round to it.
-        self.arrived = time.time()
+        # A request's arrival time: when its bytes reached the socket (kernel timestamp), else
+        # the moment its request line was read; never when the parsing, the state lock or a
+        # starved CPU let this emulator get round to it. The rate limit judges when the client
+        # sent a request.
+        self.arrived = self._kernel_arrival or time.time()
         return super().parse_request()
 
     def do_GET(self) -> None:
