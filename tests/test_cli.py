@@ -173,3 +173,38 @@ def test_every_command_and_option_is_explained() -> None:
         for action in sub._actions:
             if action.option_strings and action.dest != "help":
                 assert action.help and len(action.help) > 10, (command, action.option_strings)
+
+
+def test_resolve_recreate_and_give_up(
+    env: dict[str, str], redis_client: redis.Redis, keys: Keys
+) -> None:
+    for ref in ("lost-1", "lost-2"):
+        done = paypoll(
+            env,
+            "submit",
+            "--account",
+            "acme",
+            "--amount",
+            "5",
+            "--redirect-url",
+            "https://shop.test/ok",
+            "--reference-id",
+            ref,
+        )
+        assert done.returncode == 0, done.stderr
+        redis_client.hset(
+            keys.payment("acme", ref), mapping={"state": "create_unknown", "phase": "unknown"}
+        )
+        redis_client.smove(
+            keys.by_state("acme", "queued"), keys.by_state("acme", "create_unknown"), ref
+        )
+        redis_client.zrem(keys.due("acme", "create"), ref)
+    again = paypoll(env, "resolve", "lost-1", "--recreate")
+    assert again.returncode == 0 and "create_unknown -> queued" in again.stdout
+    assert redis_client.zscore(keys.due("acme", "create"), "lost-1") is not None
+    assert redis_client.hget(keys.payment("acme", "lost-1"), "phase") == b""
+    dropped = paypoll(env, "resolve", "lost-2", "--give-up")
+    assert dropped.returncode == 0 and "create_unknown -> failed" in dropped.stdout
+    record = json.loads(paypoll(env, "status", "lost-2", "--json").stdout)
+    assert record["state"] == "failed" and record["last_error"] == "given up by an operator"
+    assert redis_client.zscore(keys.due("acme", "create"), "lost-2") is None

@@ -34,47 +34,30 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_or_exit()
     producer = run_or_report(lambda: Producer.from_settings(settings))
     record = run_or_report(lambda: producer.get_payment(args.reference_id, account=args.account))
-    store = producer.store
     note = "resolved by an operator"
+    # The operator's decision: target state, next step, and what the record forgets or learns.
+    fields: dict[str, str | int | float] = {"phase": "", "last_error": note}
     if args.payment_id or args.track_again:
         payment_id = args.payment_id or record.payment_id
         if not payment_id:
             print("paypoll resolve: no payment id known; pass --payment-id", file=sys.stderr)
             return 2
-        moved = store.transition(
-            record.account,
-            record.reference_id,
-            State.PENDING,
-            operator=True,
-            next_step="track",
-            fields={
-                "payment_id": payment_id,
-                "phase": "",
-                "created_at": "$now",
-                "last_error": note,
-            },
-        )
-        target = State.PENDING
+        target, next_step = State.PENDING, "track"
+        fields.update(payment_id=payment_id, created_at="$now")
     elif args.recreate:
-        moved = store.transition(
-            record.account,
-            record.reference_id,
-            State.QUEUED,
-            operator=True,
-            next_step="create",
-            fields={"phase": "", "payment_id": "", "last_error": note},
-        )
-        target = State.QUEUED
+        target, next_step = State.QUEUED, "create"
+        fields.update(payment_id="")
     else:
-        moved = store.transition(
-            record.account,
-            record.reference_id,
-            State.FAILED,
-            operator=True,
-            next_step="",
-            fields={"phase": "", "last_error": "given up by an operator"},
-        )
-        target = State.FAILED
+        target, next_step = State.FAILED, ""
+        fields.update(last_error="given up by an operator")
+    moved = producer.store.transition(
+        record.account,
+        record.reference_id,
+        target,
+        operator=True,
+        next_step=next_step,
+        fields=fields,
+    )
     if not moved.moved:
         print(
             f"paypoll resolve: {record.reference_id} is {moved.previous}; "
