@@ -236,3 +236,23 @@ def test_a_401_retry_is_not_a_second_send(rt_sandbox: tuple[Runtime, RunningSand
     # A token the sandbox forgot names no client: its 401 is counted as anonymous.
     assert clients["(anonymous)"]["requests"]["POST /payments/request"] == {"401": 1}
     assert creates_seen(sandbox, "second") == 1
+
+
+def test_failed_polls_back_off_and_are_counted_in_the_same_write(
+    rt_sandbox: tuple[Runtime, RunningSandbox],
+) -> None:
+    from worker.steps import run_create, run_track
+
+    rt, sandbox = rt_sandbox
+    submit(rt, "flaky")
+    assert run_create(rt, CLIENT, "flaky") == "created"
+    sandbox.set_faults(error_rate={"get": 1.0})
+    assert [run_track(rt, CLIENT, "flaky") for _ in range(2)] == ["retry", "retry"]
+    rec = record(rt, "flaky")
+    assert rec.state == State.PENDING and rec.errors == 2 and rec.polls == 0
+    assert "ServerError" in rec.last_error
+    sandbox.set_faults(error_rate={"get": 0.0})
+    sandbox.force_status(rec.payment_id, "paid")
+    assert run_track(rt, CLIENT, "flaky") == "paid"
+    rec = record(rt, "flaky")
+    assert rec.errors == 0 and rec.last_error == "" and rec.polls == 1

@@ -194,7 +194,7 @@ class Fleet:
                     ):
                         self._start(ctx, slot)
         finally:
-            self._stop_all(mark_process_dead, path)
+            self._stop_all()
             if exporter is not None:
                 exporter.stop()
             if made_dir:
@@ -216,7 +216,7 @@ class Fleet:
         slot.started = time.monotonic()
         log.info("worker.spawned", index=slot.index, pid=proc.pid)
 
-    def _stop_all(self, mark_dead: object, path: Path) -> None:
+    def _stop_all(self) -> None:
         alive = [s.process for s in self.slots if s.process is not None and s.process.is_alive()]
         for proc in alive:
             with contextlib.suppress(ProcessLookupError):

@@ -77,6 +77,7 @@ def reschedule(
     *,
     guard: tuple[str, str] | None = None,
     fields: dict[str, str | int | float] | None = None,
+    increments: dict[str, int] | None = None,
 ) -> Transition:
     """Keep the payment in ``state`` and make its next ``step`` due ``delay`` seconds from now."""
     return persist(
@@ -89,5 +90,6 @@ def reschedule(
             delay=delay,
             guard=guard,
             fields=fields,
+            increments=increments,
         )
     )

@@ -46,7 +46,9 @@ def run_track(rt: Runtime, account: str, reference_id: str) -> str:
         return _end_track(rt, rec, State.FAILED, describe(exc))
     except ApiError as exc:
         # A GET changes nothing: every failure is retried, with backoff, until the deadline.
-        errors = int(rt.redis.hincrby(rt.keys.payment(account, reference_id), "errors", 1))
+        # Consecutive failures so far, read with the record: the reschedule below counts this
+        # one in the same write (no extra round trip).
+        errors = rec.errors + 1
         delay = retry_delay(
             errors,
             rt.rng,
@@ -61,6 +63,7 @@ def run_track(rt: Runtime, account: str, reference_id: str) -> str:
             "track",
             min(delay, max(deadline - time.time(), 0)),
             fields={"last_error": describe(exc)},
+            increments={"errors": 1},
         )
         return "retry"
 

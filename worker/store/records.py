@@ -37,6 +37,7 @@ class PaymentRecord:
     api_status: str = ""
     attempts: int = 0
     polls: int = 0
+    errors: int = 0  # consecutive failed polls, reset by an answered one
     submitted_at: float | None = None
     created_at: float | None = None
     terminal_at: float | None = None
@@ -65,6 +66,7 @@ class PaymentRecord:
             api_status=data.get("api_status", ""),
             attempts=int(data.get("attempts") or 0),
             polls=int(data.get("polls") or 0),
+            errors=int(data.get("errors") or 0),
             submitted_at=_float(data.get("submitted_at")),
             created_at=_float(data.get("created_at")),
             terminal_at=_float(data.get("terminal_at")),
