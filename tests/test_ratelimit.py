@@ -211,3 +211,77 @@ def test_one_redis_command_per_reservation() -> None:
     sent = {k: v["calls"] for k, v in stats.items() if k not in ("cmdstat_evalsha",)}
     inside_script = {"cmdstat_get", "cmdstat_set", "cmdstat_time"}
     assert set(sent) <= {*inside_script, "cmdstat_config|resetstat"}
+
+
+class FakeClock:
+    """A monotonic clock that only moves when told: by the injected sleep, or by ``lag``
+    seconds right after each Redis answer (an answer that sat unread on a starved CPU)."""
+
+    def __init__(self, lags: list[float]) -> None:
+        self.now = 1000.0
+        self.lags = lags
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def delay_answers(self, limiter: RateLimiter) -> None:
+        reserve = limiter._reserve  # the Redis round trip; wrapped to age its answer
+
+        def aged(*args: object, **kwargs: object) -> object:
+            answer = reserve(*args, **kwargs)
+            self.now += self.lags.pop(0) if self.lags else 0.0
+            return answer
+
+        limiter._reserve = aged  # type: ignore[method-assign,assignment]
+
+
+def late_slots(account: str) -> float:
+    from worker import metrics
+
+    return float(metrics.LIMITER_LATE.labels(account)._value.get())
+
+
+def test_an_answer_read_late_counts_as_lateness_and_takes_a_fresh_slot(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    clock = FakeClock(lags=[0.050])  # the first answer is read 50 ms after it was asked
+    limiter = RateLimiter(
+        redis=redis_client, keys=keys, margin=MARGIN, sleep=clock.sleep, clock=clock
+    )
+    clock.delay_answers(limiter)
+    assert limiter.late_limit(RATE) == pytest.approx(0.0125)  # half of 5 x 5 ms of slack
+    before = late_slots("starved")
+    booking = limiter.wait_for_slot("starved", RATE, 1.0)
+    # The idle key's first slot was "now" when Redis answered, 50 ms before the caller could
+    # read it: too late to use. The caller left it free and used the next one.
+    assert late_slots("starved") == before + 1
+    assert booking.wait == pytest.approx(INTERVAL, abs=0.005)
+    assert limiter.lateness(booking) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_an_answer_read_promptly_is_used(redis_client: redis.Redis, keys: Keys) -> None:
+    clock = FakeClock(lags=[0.010])  # within the 12.5 ms allowed
+    limiter = RateLimiter(
+        redis=redis_client, keys=keys, margin=MARGIN, sleep=clock.sleep, clock=clock
+    )
+    clock.delay_answers(limiter)
+    before = late_slots("prompt")
+    booking = limiter.wait_for_slot("prompt", RATE, 1.0)
+    assert late_slots("prompt") == before
+    assert booking.wait == 0.0
+
+
+def test_a_second_late_slot_is_used_anyway(redis_client: redis.Redis, keys: Keys) -> None:
+    # Bounded cost on a saturated host: one fresh slot at most, then the caller goes.
+    clock = FakeClock(lags=[0.050, 0.300])
+    limiter = RateLimiter(
+        redis=redis_client, keys=keys, margin=MARGIN, sleep=clock.sleep, clock=clock
+    )
+    clock.delay_answers(limiter)
+    before = late_slots("saturated")
+    booking = limiter.wait_for_slot("saturated", RATE, 1.0)
+    assert late_slots("saturated") == before + 1
+    assert limiter.lateness(booking) > limiter.late_limit(RATE)

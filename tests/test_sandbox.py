@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -525,6 +527,49 @@ def test_sliding_window_algorithm_exact_boundaries() -> None:
     assert retry_after_seconds(1.2) == 2
 
 
+def test_sliding_window_judges_out_of_order_arrivals_at_their_own_time() -> None:
+    from worker.sandbox.ratelimit import SlidingWindow
+
+    limiter = SlidingWindow(2)
+    assert limiter.try_acquire(11.05) is None
+    assert limiter.try_acquire(10.0) is None  # judged after 11.05, arrived before it
+    # Every window holding 11.02 holds at most one other accepted arrival (11.05): 10.0 is
+    # more than 1 s before it. Judging in order of handling would have refused it.
+    assert limiter.try_acquire(11.02) is None
+    # (10.5, 11.5] would hold 10.5, 11.02 and 11.05: refused. It would be the first of that
+    # full group, so the hint is a whole second.
+    assert limiter.try_acquire(10.5) == pytest.approx(1.0)
+    # 11.04 would make (11.02, 11.05) three: room when 11.02 leaves, 0.98 s later.
+    assert limiter.try_acquire(11.04) == pytest.approx(0.98)
+    assert limiter.try_acquire(12.03) is None  # 11.02 has left (11.03, 12.03]
+
+
+def test_sandbox_does_not_move_an_early_arrival_behind_a_later_one() -> None:
+    from worker.sandbox.config import SandboxConfig
+    from worker.sandbox.state import Sandbox
+
+    sandbox = Sandbox(SandboxConfig(clients={"a": "sa", "b": "sb"}, rate=1), base_url="x")
+
+    def token(client: str, secret: str, arrived: float) -> int:
+        basic = base64.b64encode(f"{client}:{secret}".encode()).decode()
+        answer = sandbox.request(
+            "token",
+            "POST /oauth/token",
+            authorization=f"Basic {basic}",
+            content_type="application/x-www-form-urlencoded",
+            body=b"grant_type=client_credentials",
+            arrived=arrived,
+        )
+        return answer.status
+
+    assert token("a", "sa", 100.5) == 200
+    assert token("b", "sb", 100.0) == 200  # handled second, arrived first: judged at 100.0
+    assert token("b", "sb", 100.99) == 429  # (99.99, 100.99] holds b's 100.0
+    assert token("b", "sb", 101.01) == 200
+    times = sandbox.stats(payments=False, times=True)["clients"]["b"]["accepted_times"]
+    assert times == [100.0, 101.01]
+
+
 def test_fixed_and_bucket_algorithms() -> None:
     from worker.sandbox.ratelimit import FixedWindow, TokenBucket
 
@@ -563,3 +608,48 @@ def test_notation_parsers() -> None:
     assert parse_per_endpoint("0.1", float, 0.0) == dict.fromkeys(("token", "create", "get"), 0.1)
     with pytest.raises(ValueError, match="unknown endpoint"):
         parse_per_endpoint("poll=0.5", float, 0.0)
+
+
+def test_first_request_on_a_connection_is_stamped_when_it_arrived_not_when_accepted() -> None:
+    """The rate limit judges when a request reached the server: a connection accepted late
+    (a busy emulator) must not shift its first request's arrival to the accept."""
+    from worker.sandbox.config import SandboxConfig
+    from worker.sandbox.server import SandboxHandler, SandboxServer
+
+    arrivals: list[float] = []
+
+    class Recording(SandboxHandler):
+        def parse_request(self) -> bool:
+            ok = super().parse_request()
+            arrivals.append(self.arrived)
+            return ok
+
+    server = SandboxServer(SandboxConfig(host="127.0.0.1", port=0))
+
+    def stamping() -> bool:
+        # Linux turns receive timestamps on system-wide in deferred work after the first
+        # socket asks: wait until a probe connection's bytes come with one.
+        with socket.create_connection(server.server_address[:2]) as probe:
+            probe.sendall(b"x")
+            connection, _ = server.get_request()
+            with connection:
+                _, ancillary, _, _ = connection.recvmsg(1, 64, socket.MSG_PEEK)
+        return bool(ancillary)
+
+    wait_until(stamping, timeout=5, what="kernel receive timestamps")
+    server.RequestHandlerClass = Recording
+    try:
+        with socket.create_connection(server.server_address[:2]) as client:
+            client.sendall(b"GET /_admin/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            sent_at = time.time()
+            time.sleep(0.3)  # the scenario itself: the server gets round to accepting late
+            connection, address = server.get_request()
+            accepted_at = time.time()
+            server.finish_request(connection, address)
+            server.shutdown_request(connection)
+            assert client.recv(100).startswith(b"HTTP/1.1 ")
+    finally:
+        server.server_close()
+    assert len(arrivals) == 1
+    assert accepted_at - sent_at >= 0.3
+    assert sent_at - 0.05 <= arrivals[0] <= sent_at + 0.05

@@ -40,9 +40,14 @@ class Reservation:
     ``granted`` says whether the slot was booked for the caller; when it is False no capacity
     was taken (the slot stays free for whoever asks when it is near) and ``retry_in`` says when
     to ask again: when the slot is half of ``max_wait`` away, so that the caller comes back with
-    room to spare (others may have booked it by then: a hint, not a promise). ``answered_at``
-    is the caller's ``time.monotonic()`` when Redis answered, the origin from which to sleep
-    ``wait``.
+    room to spare (others may have booked it by then: a hint, not a promise).
+
+    ``asked_at`` and ``answered_at`` are the caller's clock (``time.monotonic()``) just before
+    the call was sent and just after its answer was read. Redis read ``now`` somewhere between
+    the two, so on the caller's clock the slot lies between ``asked_at + wait`` and
+    ``answered_at + wait``: sleeping from ``answered_at`` never starts early, and lateness
+    measured from ``asked_at`` never underestimates (a reply that sat unread while the caller
+    waited for a CPU counts as lateness).
     """
 
     account: str
@@ -51,6 +56,7 @@ class Reservation:
     wait: float
     granted: bool
     retry_in: float
+    asked_at: float
     answered_at: float
 
 
@@ -60,8 +66,8 @@ class RateLimiter:
     ``margin`` (seconds) is added to each slot interval to absorb the jitter between a slot's
     time and the moment the API sees the call; ``max_wait`` (seconds) is how long ``acquire``
     sleeps at most, and thereby how far ahead a key can be booked; ``penalty_default`` is the
-    pause after a 429 without Retry-After, and ``penalty_max`` caps any pause. ``sleep`` is
-    injectable for tests; it receives a duration in seconds.
+    pause after a 429 without Retry-After, and ``penalty_max`` caps any pause. ``sleep`` (a
+    duration in seconds) and ``clock`` (monotonic seconds) are injectable for tests.
     """
 
     def __init__(
@@ -74,6 +80,7 @@ class RateLimiter:
         penalty_default: float = defaults.PENALTY_DEFAULT,
         penalty_max: float = defaults.PENALTY_MAX,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if margin < 0 or max_wait < 0 or penalty_default < 0 or penalty_max < 0:
             raise ValueError("margin, max_wait and penalties must be >= 0 seconds")
@@ -84,6 +91,7 @@ class RateLimiter:
         self.penalty_default = penalty_default
         self.penalty_max = penalty_max
         self._sleep = sleep
+        self._clock = clock
         # register_script sends nothing now: calls use EVALSHA, and redis-py's Script loads the
         # text and retries once on NOSCRIPT (after SCRIPT FLUSH or a Redis restart).
         self._reserve = redis.register_script(_script_text("reserve.lua"))
@@ -112,10 +120,11 @@ class RateLimiter:
         # Rounded up: an interval one microsecond too long costs nothing, one too short could
         # put rate + 1 calls in a window.
         interval_us = math.ceil(self.interval(rate) * _MICRO)
+        asked_at = self._clock()
         raw: Any = self._reserve(
             keys=[self.keys.limiter(account)], args=[interval_us, int(max_wait * _MICRO)]
         )
-        answered_at = time.monotonic()
+        answered_at = self._clock()
         slot_us, now_us, granted = (int(x) for x in raw)
         return Reservation(
             account=account,
@@ -124,6 +133,7 @@ class RateLimiter:
             wait=(slot_us - now_us) / _MICRO,
             granted=bool(granted),
             retry_in=0.0 if granted else max(0.0, (slot_us - now_us) / _MICRO - max_wait / 2),
+            asked_at=asked_at,
             answered_at=answered_at,
         )
 
@@ -131,9 +141,18 @@ class RateLimiter:
         """Sleep until ``booking``'s slot: ``wait`` seconds after Redis answered."""
         # Measured from Redis's answer: the reply's transit (tens of microseconds on a LAN) is
         # the only error, and it errs late, the safe side.
-        remaining = booking.answered_at + booking.wait - time.monotonic()
+        remaining = booking.answered_at + booking.wait - self._clock()
         if remaining > 0:
             self._sleep(remaining)
+
+    def lateness(self, booking: Reservation) -> float:
+        """How late it is now for ``booking``'s slot, in seconds, at most (see ``Reservation``).
+
+        Measured from when the reservation was asked, not answered: under CPU starvation the
+        answer can wait unread for tens of milliseconds, and a slot that is "now" on Redis's
+        clock is already that late when the caller finally reads it.
+        """
+        return self._clock() - (booking.asked_at + booking.wait)
 
     def late_limit(self, rate: float) -> float:
         """How late after its slot a call may start (seconds) before it takes a fresh slot.
@@ -150,10 +169,11 @@ class RateLimiter:
     def wait_for_slot(self, account: str, rate: float, max_wait: float) -> Reservation:
         """Book ``account``'s next slot within ``max_wait`` and sleep until it; return it.
 
-        Raises ``SlotTooFar`` (nothing booked) when the slot is further. A caller that wakes
-        up more than ``late_limit`` after its slot (a CPU-starved host) leaves that slot unused
-        (a gap is always safe) and books one fresh slot; it uses the second one however late,
-        so the cost is bounded at two Redis calls and nobody starves on a saturated host.
+        Raises ``SlotTooFar`` (nothing booked) when the slot is further. A caller that is
+        more than ``late_limit`` past its slot when it wakes (a CPU-starved host, or a thundering
+        herd of callers at start-up) leaves that slot unused (a gap is always safe) and books
+        one fresh slot; it uses the second one however late, so the cost is bounded at two
+        Redis calls and nobody starves on a saturated host.
         """
         late_limit = self.late_limit(rate)
         for attempt in range(LATE_REBOOKS + 1):
@@ -161,8 +181,7 @@ class RateLimiter:
             if not booking.granted:
                 raise SlotTooFar(account, booking.retry_in)
             self.sleep_until(booking)
-            late = time.monotonic() - (booking.answered_at + booking.wait)
-            if late <= late_limit or attempt == LATE_REBOOKS:
+            if self.lateness(booking) <= late_limit or attempt == LATE_REBOOKS:
                 return booking
             metrics.record_late_slot(account)
         raise AssertionError("unreachable")  # pragma: no cover

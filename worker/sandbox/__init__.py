@@ -68,6 +68,7 @@ Stats document (``GET /_admin/stats``)
           "token_calls": int,             # POST /oauth/token requests, any status
           "faults": {"error"|"drop"|"malformed": count},   # faults injected
           "accepted_times": [float]       # only with ?times=1: arrival times of accepted ones
+          "rate_limited_times": [float]   # only with ?times=1: arrival times of refused ones
         }
       },
       "creates_by_reference": {client_id: {reference_id: count}},

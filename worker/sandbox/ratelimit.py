@@ -4,13 +4,15 @@ Only ACCEPTED requests use up the allowance: a refused request (429) is not coun
 client that keeps knocking is not starved forever. (The real API documents nothing here;
 api-contract.md asks for the strictest reading of the limit itself, not of retries.)
 
-Every method takes ``now`` (``time.time()``, read by the caller under the state lock) so the
-decisions and the recorded timestamps use the same clock readings.
+Every method takes ``now``: the request's arrival (the kernel's receive timestamp, or the wall
+clock when the request line was read). Handler threads judge requests in whatever order they
+get the state lock, so arrivals can come out of order; the window limiters judge each one at
+its own arrival, exactly, rather than moving it later (which would invent 429s).
 """
 
 from __future__ import annotations
 
-import collections
+import bisect
 import math
 from typing import Protocol
 
@@ -24,38 +26,65 @@ class Limiter(Protocol):
 
 
 class SlidingWindow:
-    """At most ``capacity`` accepted requests in any window (t - 1 s, t]."""
+    """At most ``capacity`` accepted requests in any window (t - 1 s, t], arrivals in any order.
+
+    A request at ``now`` is accepted iff every window containing it still has room, that is iff
+    no ``capacity + 1`` consecutive accepted arrivals including ``now`` lie within less than
+    1 s of each other (two arrivals share some window (t - 1, t] iff they are < 1 s apart).
+    """
 
     def __init__(self, rate: float) -> None:
         self.capacity = max(1, math.floor(rate))
-        self._accepted: collections.deque[float] = collections.deque()
+        self._accepted: list[float] = []  # sorted; only the last 2 s are kept
+        self._latest = -math.inf
 
     def try_acquire(self, now: float) -> float | None:
         accepted = self._accepted
-        while accepted and accepted[0] <= now - 1.0:
-            accepted.popleft()
-        if len(accepted) >= self.capacity:
-            # The oldest accepted request leaves the window 1 s after it came in.
-            return max(accepted[0] + 1.0 - now, 1e-6)
-        accepted.append(now)
+        self._latest = max(self._latest, now)
+        # Arrivals more than 2 s before the latest one can share no window with a request
+        # still to come (threads judge requests at most a fraction of a second late).
+        stale = bisect.bisect_right(accepted, self._latest - 2.0)
+        if stale:
+            del accepted[:stale]
+        at = bisect.bisect_right(accepted, now)
+        cap = self.capacity
+        # Only arrivals less than 1 s away can share a window with this one.
+        low = bisect.bisect_right(accepted, now - 1.0)
+        high = bisect.bisect_left(accepted, now + 1.0)
+        if high - low < cap:
+            accepted.insert(at, now)
+            return None
+        merged = [*accepted[low:at], now, *accepted[at:high]]
+        here = at - low
+        wait = 0.0
+        for first in range(max(0, here - cap), here + 1):
+            last = first + cap
+            if last < len(merged) and merged[last] - merged[first] < 1.0:
+                # Room comes back when the group's first arrival leaves the window; a request
+                # that is the first of a full group (later arrivals already judged) waits 1 s.
+                wait = max(wait, merged[first] + 1.0 - now)
+        if wait > 0.0:
+            return max(wait, 1e-6)
+        accepted.insert(at, now)
         return None
 
 
 class FixedWindow:
-    """At most ``capacity`` accepted requests per calendar second (int(now))."""
+    """At most ``capacity`` accepted requests per calendar second (int(now)), in any order."""
 
     def __init__(self, rate: float) -> None:
         self.capacity = max(1, math.floor(rate))
-        self._second = -1
-        self._count = 0
+        self._counts: dict[int, int] = {}
 
     def try_acquire(self, now: float) -> float | None:
         second = math.floor(now)
-        if second != self._second:
-            self._second, self._count = second, 0
-        if self._count >= self.capacity:
+        counts = self._counts
+        if len(counts) > 4:
+            for old in [s for s in counts if s < second - 2]:
+                del counts[old]
+        if counts.get(second, 0) >= self.capacity:
             return max(second + 1.0 - now, 1e-6)
-        self._count += 1
+        counts[second] = counts.get(second, 0) + 1
         return None
 
 

@@ -8,6 +8,7 @@ separate header/body writes and Nagle on, every answer stalls ~40 ms on delayed 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
@@ -37,6 +38,14 @@ class SandboxServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 256  # a burst of connecting test clients must not be refused
+
+    def server_bind(self) -> None:
+        super().server_bind()
+        # Set on the listening socket, the option is inherited by every accepted connection
+        # from its creation (Linux copies socket flags on accept), so the first request on a
+        # new connection is stamped when it arrived, not when a thread got round to setup().
+        with contextlib.suppress(OSError, AttributeError):
+            self.socket.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
 
     def __init__(self, config: SandboxConfig) -> None:
         super().__init__((config.host, config.port), SandboxHandler)

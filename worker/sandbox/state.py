@@ -84,7 +84,6 @@ class Sandbox:
             unknown_status_name=config.unknown_status_name,
         )
         self._lock = threading.Lock()
-        self._last_arrival = 0.0
         self._generation = 0
         self._init_state(config.faults)
 
@@ -120,10 +119,10 @@ class Sandbox:
         (5xx without processing) -> process (400/404/422/200) -> drop or malform a success.
         """
         with self._lock:
-            # ``arrived`` (when the request line was read) rather than now; never earlier than
-            # a request already judged, so the windows see arrivals in order.
-            now = max(time.time() if arrived is None else arrived, self._last_arrival)
-            self._last_arrival = now
+            # Judged at its arrival (kernel receive stamp or request line), not now: the rate
+            # limit is about when the client sent it. Arrivals may come out of order across
+            # threads; the limiters judge each exactly at its own time.
+            now = time.time() if arrived is None else arrived
             if endpoint == "token":
                 client_id = _basic_client_id(authorization)
             else:

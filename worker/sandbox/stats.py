@@ -57,6 +57,7 @@ class ClientStats:
         self.faults: dict[str, int] = {}
         self.accepted = WindowMax()
         self.arrivals = WindowMax()
+        self.refused_times: list[float] = []
 
     def arrival(self, at: float, *, accepted: bool) -> None:
         """A request reached the limiter at ``at`` and was accepted (or refused with 429)."""
@@ -65,6 +66,7 @@ class ClientStats:
             self.accepted.add(at)
         else:
             self.rate_limited += 1
+            self.refused_times.append(at)
 
     def answered(self, route: str, status: str, *, fault: str | None) -> None:
         """A request to ``route`` ended with ``status`` (a code, or ``dropped``)."""
@@ -88,4 +90,5 @@ class ClientStats:
         }
         if times:
             data["accepted_times"] = list(self.accepted.times)
+            data["rate_limited_times"] = list(self.refused_times)
         return data
