@@ -259,7 +259,9 @@ def test_an_answer_read_late_counts_as_lateness_and_takes_a_fresh_slot(
     # read it: too late to use. The caller left it free and used the next one.
     assert late_slots("starved") == before + 1
     assert booking.wait == pytest.approx(INTERVAL, abs=0.005)
-    assert limiter.lateness(booking) == pytest.approx(0.0, abs=1e-6)
+    # On time, to within the real time Redis's clock ran between the calls (the fake one
+    # stood still).
+    assert limiter.lateness(booking) == pytest.approx(0.0, abs=0.005)
 
 
 def test_an_answer_read_promptly_is_used(redis_client: redis.Redis, keys: Keys) -> None:
@@ -285,3 +287,45 @@ def test_a_second_late_slot_is_used_anyway(redis_client: redis.Redis, keys: Keys
     booking = limiter.wait_for_slot("saturated", RATE, 1.0)
     assert late_slots("saturated") == before + 1
     assert limiter.lateness(booking) > limiter.late_limit(RATE)
+
+
+def test_a_learnt_clock_keeps_an_on_time_slot_whose_answer_was_read_late(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    # A first, prompt round trip teaches where Redis's clock falls on ours. The second answer
+    # sits unread for 50 ms, but its slot is 205 ms ahead: the caller still knows when that is
+    # and sleeps 155 ms, instead of believing itself 50 ms late and giving the slot up.
+    clock = FakeClock(lags=[0.0, 0.050])
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.sleep(seconds)
+
+    limiter = RateLimiter(redis=redis_client, keys=keys, margin=MARGIN, sleep=sleep, clock=clock)
+    clock.delay_answers(limiter)
+    before = late_slots("taught")
+    first = limiter.wait_for_slot("taught", RATE, 1.0)
+    second = limiter.wait_for_slot("taught", RATE, 1.0)
+    assert late_slots("taught") == before
+    assert second.slot - first.slot == pytest.approx(INTERVAL, abs=2e-6)
+    # Redis's clock ran on (for real) while the fake one stood still: the sleep is the slot's
+    # distance from the first answer less the 50 ms spent reading, to within that real time.
+    assert slept == [pytest.approx(INTERVAL - 0.050, abs=0.01)]
+    assert limiter.lateness(second) == pytest.approx(0.0, abs=0.01)
+
+
+def test_redis_clock_bounds_tighten_widen_and_reset() -> None:
+    from worker.ratelimit.redis_clock import DRIFT, RedisClock
+
+    model = RedisClock()
+    assert model.bounds(0.0) is None
+    first = model.observe(asked=10.0, answered=10.030, redis_now=110.010)  # a slow round trip
+    assert (first.low, first.high) == pytest.approx((99.98, 100.01))
+    tight = model.observe(asked=11.0, answered=11.001, redis_now=111.0)  # a fast one
+    assert (tight.low, tight.high) == pytest.approx((99.999, 100.0), abs=DRIFT * 1.0 + 1e-9)
+    later = model.bounds(21.0)  # ten seconds without news: drift may have moved it
+    assert later is not None
+    assert later.high - later.low == pytest.approx(0.001 + 2 * DRIFT * (21.0 - 11.001))
+    stepped = model.observe(asked=21.0, answered=21.001, redis_now=131.5)  # clock stepped 0.5 s
+    assert (stepped.low, stepped.high) == pytest.approx((110.499, 110.5))

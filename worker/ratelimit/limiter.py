@@ -23,6 +23,7 @@ import redis
 from worker import defaults, metrics
 from worker.errors import SlotTooFar
 from worker.keys import Keys
+from worker.ratelimit.redis_clock import OffsetBounds, RedisClock
 
 _MICRO = 1_000_000
 LATE_REBOOKS = 1  # fresh slots a late-waking caller may take before it sends anyway
@@ -43,11 +44,9 @@ class Reservation:
     room to spare (others may have booked it by then: a hint, not a promise).
 
     ``asked_at`` and ``answered_at`` are the caller's clock (``time.monotonic()``) just before
-    the call was sent and just after its answer was read. Redis read ``now`` somewhere between
-    the two, so on the caller's clock the slot lies between ``asked_at + wait`` and
-    ``answered_at + wait``: sleeping from ``answered_at`` never starts early, and lateness
-    measured from ``asked_at`` never underestimates (a reply that sat unread while the caller
-    waited for a CPU counts as lateness).
+    the call was sent and just after its answer was read: Redis read ``now`` in between. The
+    limiter's ``RedisClock`` learns from these round trips where Redis times fall on the
+    caller's clock, which ``sleep_until`` and ``lateness`` use.
     """
 
     account: str
@@ -92,6 +91,7 @@ class RateLimiter:
         self.penalty_max = penalty_max
         self._sleep = sleep
         self._clock = clock
+        self.redis_clock = RedisClock()
         # register_script sends nothing now: calls use EVALSHA, and redis-py's Script loads the
         # text and retries once on NOSCRIPT (after SCRIPT FLUSH or a Redis restart).
         self._reserve = redis.register_script(_script_text("reserve.lua"))
@@ -126,6 +126,7 @@ class RateLimiter:
         )
         answered_at = self._clock()
         slot_us, now_us, granted = (int(x) for x in raw)
+        self.redis_clock.observe(asked_at, answered_at, now_us / _MICRO)
         return Reservation(
             account=account,
             slot=slot_us / _MICRO,
@@ -137,22 +138,38 @@ class RateLimiter:
             answered_at=answered_at,
         )
 
+    def _offset(self, booking: Reservation, now: float) -> OffsetBounds:
+        """Bounds on ``redis - local`` at local time ``now``: the clock model's, which always
+        include ``booking``'s own round trip (its bounds, if the model was reset since)."""
+        own = OffsetBounds(
+            booking.now - booking.answered_at, booking.now - booking.asked_at, booking.answered_at
+        ).widened(now)
+        learnt = self.redis_clock.bounds(now)
+        if learnt is None or max(learnt.low, own.low) > min(learnt.high, own.high):
+            return own
+        return OffsetBounds(max(learnt.low, own.low), min(learnt.high, own.high), now)
+
     def sleep_until(self, booking: Reservation) -> None:
-        """Sleep until ``booking``'s slot: ``wait`` seconds after Redis answered."""
-        # Measured from Redis's answer: the reply's transit (tens of microseconds on a LAN) is
-        # the only error, and it errs late, the safe side.
-        remaining = booking.answered_at + booking.wait - self._clock()
+        """Sleep until the latest local time at which ``booking``'s slot can fall: never early.
+
+        That is ``wait`` after the answer when nothing else is known; with a learnt clock it
+        is the slot's true time to within the fastest round trip seen, however long this
+        answer sat unread.
+        """
+        now = self._clock()
+        remaining = booking.slot - self._offset(booking, now).low - now
         if remaining > 0:
             self._sleep(remaining)
 
     def lateness(self, booking: Reservation) -> float:
-        """How late it is now for ``booking``'s slot, in seconds, at most (see ``Reservation``).
+        """How late it is now for ``booking``'s slot, in seconds, at most.
 
-        Measured from when the reservation was asked, not answered: under CPU starvation the
-        answer can wait unread for tens of milliseconds, and a slot that is "now" on Redis's
-        clock is already that late when the caller finally reads it.
+        An overestimate by the uncertainty of the clock model (or, without one, by this
+        reservation's round trip): an answer read late, on a starved CPU, is a slot already
+        that late, and counts as such.
         """
-        return self._clock() - (booking.asked_at + booking.wait)
+        now = self._clock()
+        return now - (booking.slot - self._offset(booking, now).high)
 
     def late_limit(self, rate: float) -> float:
         """How late after its slot a call may start (seconds) before it takes a fresh slot.
