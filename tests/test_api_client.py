@@ -60,11 +60,13 @@ class RecordingLimiter:
         self.acquired: list[tuple[str, float, float | None]] = []
         self.penalties: list[tuple[str, float | None]] = []
 
-    def acquire(self, account: str, rate: float, *, max_wait: float | None = None) -> float:
+    def book(
+        self, account: str, rate: float, *, max_wait: float | None = None
+    ) -> Callable[[], float]:
         if self.far:
             raise SlotTooFar(account, 2.5)
         self.acquired.append((account, rate, max_wait))
-        return 0.0
+        return lambda: 0.0
 
     def penalize(self, account: str, retry_after: float | None) -> float:
         self.penalties.append((account, retry_after))

@@ -12,7 +12,7 @@ import base64
 import json
 import time
 from collections.abc import Callable, Mapping
-from contextlib import closing
+from contextlib import closing, nullcontext
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -25,6 +25,7 @@ from worker.api.auth import IssuedToken, TokenCache
 from worker.api.limiting import Limiter, UnlimitedLimiter
 from worker.api.models import BadPayload, PaymentRequest, parse_payment
 from worker.api.responses import error_for_status, malformed
+from worker.api.send_gate import GateRefused, gate_applies, send_gate
 from worker.api.transport import is_connection_aborted, process_session, transport_error
 from worker.errors import (
     ApiError,
@@ -83,6 +84,15 @@ def _read_body(response: requests.Response, limit: int) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _limiter_failed(exc: RedisError, account: Account, endpoint: str) -> NotSent:
+    """The error for a call given up because the limiter's Redis failed: nothing was sent."""
+    return NotSent(
+        f"the rate limiter's Redis failed, nothing was sent ({type(exc).__name__})",
+        account=account.name,
+        endpoint=endpoint,
+    )
 
 
 def _outcome(status: int | None, error: ApiError | None) -> str:
@@ -299,32 +309,56 @@ class ApiClient:
         prepared = self.session.prepare_request(
             requests.Request(method, url, headers=dict(headers), json=json_body, data=form_body)
         )
+        session = self.session
         # SlotTooFar propagates from here: nothing was sent, nothing is recorded as a call.
         try:
-            waited = self._limiter.acquire(account.name, account.rate, max_wait=max_wait)
+            wait_for_slot = self._limiter.book(account.name, account.rate, max_wait=max_wait)
         except RedisError as exc:
-            raise NotSent(
-                f"the rate limiter's Redis failed, nothing was sent ({type(exc).__name__})",
-                account=account.name,
-                endpoint=endpoint,
-            ) from exc
-        if before_send is not None:
-            before_send()
-        started = time.perf_counter()
+            raise _limiter_failed(exc, account, endpoint) from exc
+        waited = 0.0
+        started = 0.0
+
+        def when_connected() -> None:
+            # The last step before the request is written, once the connection is made (a
+            # connect after the slot would make the call late): sleep until the slot, then
+            # let the caller mark the request as sent.
+            nonlocal waited, started
+            try:
+                waited = wait_for_slot()
+            except RedisError as exc:
+                raise _limiter_failed(exc, account, endpoint) from exc
+            if before_send is not None:
+                before_send()
+            started = time.perf_counter()
+
+        gated = gate_applies(session, prepared)
+        if gated:
+            started = time.perf_counter()  # until the gate runs (a failed connect never does)
+        else:
+            when_connected()  # through a proxy: our pools are not used, so wait here
         status: int | None = None
         error: ApiError | None = None
+        refused: BaseException | None = None
         try:
             try:
-                response = self.session.send(
-                    prepared,
-                    timeout=self._timeout,
-                    stream=True,  # so the body is read with a size bound
-                    allow_redirects=False,  # a redirect would re-send credentials elsewhere
-                )
+                with send_gate(when_connected) if gated else nullcontext() as pending:
+                    response = session.send(
+                        prepared,
+                        timeout=self._timeout,
+                        stream=True,  # so the body is read with a size bound
+                        allow_redirects=False,  # a redirect would re-send credentials elsewhere
+                    )
+                if pending is not None and not pending.ran:  # pragma: no cover - a bug if seen
+                    log.error("api.send_gate_bypassed", account=account.name, endpoint=endpoint)
                 with closing(response):
                     status = response.status_code
                     body = _read_body(response, MAX_BODY)
                     response_headers = response.headers
+            except GateRefused as exc:
+                # Nothing was written: not an API call. The reason (SlotTooFar, NotSent, the
+                # caller's own refusal) is raised as it is.
+                refused = exc.reason
+                raise exc.reason from None
             except requests.RequestException as exc:
                 raise transport_error(
                     exc,
@@ -367,24 +401,41 @@ class ApiClient:
                     )
             raise
         finally:
-            seconds = time.perf_counter() - started
-            outcome = _outcome(status, error)
-            metrics.record_api_call(account.name, endpoint, outcome, seconds)
-            fields: dict[str, Any] = {
-                "account": account.name,
-                "endpoint": endpoint,
-                "method": method,
-                "status": status,
-                "outcome": outcome,
-                "latency_ms": round(seconds * 1000, 1),
-                "limiter_wait_ms": round(waited * 1000, 1),
-                "attempt": attempt,
-            }
-            if error is None:
-                log.info("api.request", **fields)
-            else:
-                fields["error"] = type(error).__name__
-                fields["reason"] = error.message
-                if error.retry_after is not None:
-                    fields["retry_after"] = error.retry_after
-                log.warning("api.request", **fields)
+            if refused is None:
+                self._record_call(
+                    account, endpoint, method, status, error, started, waited, attempt
+                )
+
+    def _record_call(
+        self,
+        account: Account,
+        endpoint: str,
+        method: str,
+        status: int | None,
+        error: ApiError | None,
+        started: float,
+        waited: float,
+        attempt: int,
+    ) -> None:
+        """Count, time and log one call that was sent (or whose sending failed)."""
+        seconds = time.perf_counter() - started
+        outcome = _outcome(status, error)
+        metrics.record_api_call(account.name, endpoint, outcome, seconds)
+        fields: dict[str, Any] = {
+            "account": account.name,
+            "endpoint": endpoint,
+            "method": method,
+            "status": status,
+            "outcome": outcome,
+            "latency_ms": round(seconds * 1000, 1),
+            "limiter_wait_ms": round(waited * 1000, 1),
+            "attempt": attempt,
+        }
+        if error is None:
+            log.info("api.request", **fields)
+        else:
+            fields["error"] = type(error).__name__
+            fields["reason"] = error.message
+            if error.retry_after is not None:
+                fields["retry_after"] = error.retry_after
+            log.warning("api.request", **fields)

@@ -6,16 +6,21 @@ the two packages do not import each other and tests or scripts can pass any obje
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 
 class Limiter(Protocol):
     """A per-account limiter shared by the fleet (docs/architecture.md, "The limiter")."""
 
-    def acquire(self, account: str, rate: float, *, max_wait: float | None = None) -> float:
-        """Wait for the account's next slot and return the seconds waited.
+    def book(
+        self, account: str, rate: float, *, max_wait: float | None = None
+    ) -> Callable[[], float]:
+        """Book the account's next slot; return a function that sleeps until it and returns
+        the seconds waited (the caller sends on return).
 
-        Raises ``SlotTooFar`` (nothing booked) when the slot is further than ``max_wait``.
+        Raises ``SlotTooFar`` (nothing booked) when the slot is further than ``max_wait``; the
+        returned function may raise it too (a late caller's fresh slot was too far).
         """
         ...
 
@@ -31,10 +36,16 @@ class UnlimitedLimiter:
     that talk to a sandbox without a rate limit.
     """
 
-    def acquire(self, account: str, rate: float, *, max_wait: float | None = None) -> float:
-        """Grant immediately: 0.0 seconds waited."""
-        return 0.0
+    def book(
+        self, account: str, rate: float, *, max_wait: float | None = None
+    ) -> Callable[[], float]:
+        """Grant immediately: the wait returns 0.0 seconds at once."""
+        return _no_wait
 
     def penalize(self, account: str, retry_after: float | None) -> float:
         """Record nothing: 0.0 seconds of pause applied."""
         return 0.0
+
+
+def _no_wait() -> float:
+    return 0.0

@@ -29,9 +29,9 @@ import threading
 
 import requests
 import urllib3.exceptions
-from requests.adapters import HTTPAdapter
 
 from worker import __version__
+from worker.api.send_gate import GatedAdapter
 from worker.errors import Ambiguous, NotSent, TransportError
 
 #: Connections kept per host: more than any sane number of worker threads per process.
@@ -47,7 +47,7 @@ _session: tuple[int, requests.Session] | None = None
 def new_session(*, pool_maxsize: int = POOL_MAXSIZE) -> requests.Session:
     """A Session with a large pool, no automatic retries and paypoll's User-Agent."""
     session = requests.Session()
-    adapter = HTTPAdapter(
+    adapter = GatedAdapter(
         pool_connections=POOL_CONNECTIONS, pool_maxsize=pool_maxsize, max_retries=0
     )
     session.mount("http://", adapter)

@@ -183,43 +183,80 @@ class RateLimiter:
         slack = calls * self.interval(rate) - max(1.0, calls / rate)
         return slack / 2 if slack > 0 else math.inf
 
-    def wait_for_slot(self, account: str, rate: float, max_wait: float) -> Reservation:
-        """Book ``account``'s next slot within ``max_wait`` and sleep until it; return it.
+    def book_slot(self, account: str, rate: float, max_wait: float) -> Reservation:
+        """Book ``account``'s next slot within ``max_wait`` and return it, without sleeping.
 
-        Raises ``SlotTooFar`` (nothing booked) when the slot is further. A caller that is
-        more than ``late_limit`` past its slot when it wakes (a CPU-starved host, or a thundering
-        herd of callers at start-up) leaves that slot unused (a gap is always safe) and books
-        one fresh slot; it uses the second one however late, so the cost is bounded at two
-        Redis calls and nobody starves on a saturated host.
+        Raises ``SlotTooFar`` (nothing booked) when the slot is further.
+        """
+        booking = self.reserve(account, rate, max_wait)
+        if not booking.granted:
+            raise SlotTooFar(account, booking.retry_in)
+        return booking
+
+    def use_slot(self, booking: Reservation, rate: float, max_wait: float) -> Reservation:
+        """Sleep until ``booking``'s slot and return the slot to send in (``booking`` or a
+        fresh one).
+
+        A caller that is more than ``late_limit`` past its slot when it gets here (a
+        CPU-starved host, a thundering herd at start-up, a slow connect) leaves that slot
+        unused (a gap is always safe) and books one fresh slot; it uses the second one however
+        late, so the cost is bounded at two Redis calls and nobody starves on a saturated host.
+        The fresh slot may be too far: ``SlotTooFar``.
         """
         late_limit = self.late_limit(rate)
         for attempt in range(LATE_REBOOKS + 1):
-            booking = self.reserve(account, rate, max_wait)
-            if not booking.granted:
-                raise SlotTooFar(account, booking.retry_in)
+            if attempt:
+                metrics.record_late_slot(booking.account)
+                booking = self.book_slot(booking.account, rate, max_wait)
             self.sleep_until(booking)
-            if self.lateness(booking) <= late_limit or attempt == LATE_REBOOKS:
-                return booking
-            metrics.record_late_slot(account)
-        raise AssertionError("unreachable")  # pragma: no cover
+            if self.lateness(booking) <= late_limit:
+                break
+        return booking
 
-    def acquire(self, account: str, rate: float, *, max_wait: float | None = None) -> float:
-        """Wait for ``account``'s next slot and return the seconds spent in this call.
+    def wait_for_slot(self, account: str, rate: float, max_wait: float) -> Reservation:
+        """Book ``account``'s next slot within ``max_wait``, sleep until it and return it
+        (``book_slot`` then ``use_slot``)."""
+        return self.use_slot(self.book_slot(account, rate, max_wait), rate, max_wait)
 
-        When the slot is at most ``max_wait`` seconds away (default: the limiter's), it is
-        booked and this call sleeps until it: the caller may send its request on return.
-        Otherwise nothing is booked and ``SlotTooFar(account, retry_in)`` is raised: the job
-        should be rescheduled for ``retry_in`` seconds from now rather than hold a thread.
+    def book(
+        self, account: str, rate: float, *, max_wait: float | None = None
+    ) -> Callable[[], float]:
+        """Book ``account``'s next slot now; return the function that waits for it.
+
+        When the slot is at most ``max_wait`` seconds away (default: the limiter's) it is
+        booked, and calling the returned function sleeps until it (``use_slot``) and returns
+        the seconds since this booking was asked: the caller may send on return. Otherwise
+        nothing is booked and ``SlotTooFar(account, retry_in)`` is raised (by this call, or
+        rarely by the wait when a late caller's fresh slot is too far): the job should be
+        rescheduled for ``retry_in`` seconds from now rather than hold a thread.
+
+        Two steps so that the client can make its connection in between: a connect after
+        the slot would make the call late (worker/api/send_gate.py).
         """
-        started = time.monotonic()
+        wait = self.max_wait if max_wait is None else max_wait
+        started = self._clock()
         try:
-            self.wait_for_slot(account, rate, self.max_wait if max_wait is None else max_wait)
+            booking = self.book_slot(account, rate, wait)
         except SlotTooFar:
             metrics.record_far_slot(account)
             raise
-        waited = time.monotonic() - started
-        metrics.record_limiter_grant(account, waited)
-        return waited
+
+        def wait_for_it() -> float:
+            try:
+                self.use_slot(booking, rate, wait)
+            except SlotTooFar:
+                metrics.record_far_slot(account)
+                raise
+            waited = self._clock() - started
+            metrics.record_limiter_grant(account, waited)
+            return waited
+
+        return wait_for_it
+
+    def acquire(self, account: str, rate: float, *, max_wait: float | None = None) -> float:
+        """Book ``account``'s next slot and wait for it (``book`` and its wait in one call);
+        return the seconds spent. Raises ``SlotTooFar`` when the slot is too far."""
+        return self.book(account, rate, max_wait=max_wait)()
 
     def penalize(self, account: str, retry_after: float | None) -> float:
         """After a 429, pause ``account`` for every process; return the pause applied (seconds).

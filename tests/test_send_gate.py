@@ -1,0 +1,174 @@
+"""The slot is waited for after the connection is made: a slow connect never makes a call late.
+
+Real parts: the sandbox in strict sliding mode over a socket, the real limiter on a real Redis,
+the real ApiClient and urllib3 pools. The one stand-in is the network's latency: connections
+here are made over loopback in microseconds, so the connection classes below sleep 80 ms in
+``connect`` (what a TLS handshake to the real API costs), the only way to get a slow connect.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection
+from urllib3.connectionpool import HTTPConnectionPool
+
+from tests.sandbox_fixture import RunningSandbox, sandbox_factory
+from worker import metrics
+from worker.api import ApiClient
+from worker.api.send_gate import (
+    GatedAdapter,
+    GatedHTTPConnection,
+    GatedHTTPConnectionPool,
+    GateRefused,
+    gate_applies,
+    send_gate,
+)
+from worker.api.transport import new_session
+from worker.errors import ApiError, NotFound, SlotTooFar
+from worker.keys import Keys
+from worker.ratelimit import RateLimiter
+from worker.settings import Account, Secret, Settings
+
+__all__ = ["sandbox_factory"]
+
+CLIENT_ID = "client-gate"
+SECRET = "gate-secret-8d1f"
+CONNECT_DELAY = 0.080
+
+
+class SlowGatedConnection(GatedHTTPConnection):
+    def connect(self) -> None:
+        time.sleep(CONNECT_DELAY)
+        super().connect()
+
+
+class SlowGatedPool(GatedHTTPConnectionPool):
+    ConnectionCls = SlowGatedConnection
+
+
+class SlowConnection(HTTPConnection):
+    def connect(self) -> None:
+        time.sleep(CONNECT_DELAY)
+        super().connect()
+
+
+class SlowPool(HTTPConnectionPool):
+    ConnectionCls = SlowConnection
+
+
+def slow_session(*, gated: bool) -> requests.Session:
+    """The product's session (gated) or one with a plain adapter, both with slow connects."""
+    session = new_session()
+    if not gated:
+        session.mount("http://", HTTPAdapter(max_retries=0))
+    adapter = session.get_adapter("http://x")
+    assert isinstance(adapter, HTTPAdapter)
+    adapter.poolmanager.pool_classes_by_scheme = {"http": SlowGatedPool if gated else SlowPool}
+    return session
+
+
+@pytest.fixture
+def strict_sandbox(sandbox_factory: Callable[..., RunningSandbox]) -> RunningSandbox:
+    return sandbox_factory(client=[f"{CLIENT_ID}:{SECRET}"], rate=5, limit_mode="sliding")
+
+
+def run_calls(
+    sandbox: RunningSandbox,
+    redis_client: redis.Redis,
+    key_prefix: str,
+    *,
+    gated: bool,
+    account: str,
+) -> tuple[int, float]:
+    """Make 13 GETs one after the other, dropping the pooled connection before every sixth
+    (so that call connects, slowly, and the five after it reuse the connection); return the
+    sandbox's 429 count and how many slots the limiter found too late."""
+    settings = Settings(api_url=sandbox.url, key_prefix=key_prefix).with_accounts(
+        Account(account, CLIENT_ID, Secret(SECRET), rate=5.0)
+    )
+    limiter = RateLimiter(redis=redis_client, keys=Keys(key_prefix), max_wait=2.0)
+    session = slow_session(gated=gated)
+    client = ApiClient(settings=settings, redis=redis_client, limiter=limiter, session=session)
+    late_before = metrics.LIMITER_LATE.labels(account)._value.get()
+    client.tokens.get(settings.account(account))  # the token first: its own slow connect
+    for call in range(13):
+        if call % 6 == 0:
+            session.get_adapter(sandbox.url).close()  # the next call makes a new connection
+        with pytest.raises(ApiError) as caught:
+            client.get_payment(account, "no-such-payment")
+        assert isinstance(caught.value, NotFound) or caught.value.status == 429
+    session.close()
+    refused = sandbox.stats(payments=False)["clients"][CLIENT_ID]["rate_limited"]
+    return refused, metrics.LIMITER_LATE.labels(account)._value.get() - late_before
+
+
+def test_a_new_connection_is_made_before_the_slot_not_after_it(
+    strict_sandbox: RunningSandbox, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    refused, late = run_calls(strict_sandbox, redis_client, key_prefix, gated=True, account="gated")
+    assert refused == 0
+    # The gate saw each slow connect eat into an idle key's "now" slot and took a fresh one.
+    assert late >= 1
+
+
+def test_without_the_gate_the_same_calls_are_refused(
+    strict_sandbox: RunningSandbox, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    # The control: what the gate prevents happens here. A call that connects after its slot
+    # reaches the API 80 ms late; the call five slots later is on time, and both fall in one
+    # second with the four between them.
+    refused, _ = run_calls(strict_sandbox, redis_client, key_prefix, gated=False, account="ungated")
+    assert refused >= 1
+
+
+def test_gate_runs_once_connected_and_its_refusal_sends_nothing(
+    strict_sandbox: RunningSandbox,
+) -> None:
+    made: list[GatedHTTPConnection] = []
+
+    class Recording(GatedHTTPConnection):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    class RecordingPool(GatedHTTPConnectionPool):
+        ConnectionCls = Recording
+
+    session = new_session()
+    adapter = session.get_adapter(strict_sandbox.url)
+    assert isinstance(adapter, GatedAdapter)
+    adapter.poolmanager.pool_classes_by_scheme = {"http": RecordingPool}
+    url = f"{strict_sandbox.url}/payments/request/x"
+    prepared = session.prepare_request(requests.Request("GET", url))
+    assert gate_applies(session, prepared)
+    connected: list[bool] = []
+
+    def refuse() -> None:
+        connected.append(len(made) == 1 and made[0].sock is not None)
+        raise SlotTooFar("acme", 1.5)
+
+    with pytest.raises(GateRefused) as caught, send_gate(refuse) as pending:
+        session.send(prepared, timeout=5)
+    assert pending.ran and connected == [True]  # the gate ran on a made connection
+    assert isinstance(caught.value.reason, SlotTooFar)
+    stats = strict_sandbox.stats(payments=False)
+    assert stats["clients"].get(CLIENT_ID, {}).get("total", 0) == 0  # nothing reached it
+    session.close()
+
+
+def test_no_gate_through_a_proxy_or_a_foreign_adapter() -> None:
+    session = new_session()
+    prepared = session.prepare_request(requests.Request("GET", "http://api.test/x"))
+    assert gate_applies(session, prepared)
+    session.proxies = {"http": "http://proxy.test:3128"}
+    assert not gate_applies(session, prepared)  # a proxied request uses the proxy's pools
+    plain = requests.Session()
+    assert not gate_applies(plain, plain.prepare_request(requests.Request("GET", "http://a/")))
+    assert isinstance(new_session().get_adapter("https://api.test/"), GatedAdapter)

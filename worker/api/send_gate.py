@@ -1,0 +1,121 @@
+"""Run a callback at the last moment before a request is written: after the connection is made.
+
+The limiter's slot is about when the API sees a call. A pooled keep-alive connection sends at
+once, but a new one (the first call of a thread, or after the server closed an idle one)
+first connects, and over TLS that takes tens to hundreds of milliseconds: spent after the
+slot, it makes the call that late, and a late call can share a 1-second window with the call
+``rate`` slots after it (a 429). So the client books its slot first (cheap, and a far slot
+sends nothing), then lets the connection run the "gate" (sleep until the slot, check it is
+not late, mark a create as sent) once it is connected, right before the first byte goes out.
+
+Only connections of the pools mounted by ``GatedAdapter`` run gates, and only for URLs that
+reach the API directly (``gate_applies``): through a proxy the client runs the gate itself
+before sending, as before. The gate travels in a thread-local, one per exchange, run at most
+once. An exception raised by the gate comes out of ``Session.send`` wrapped in ``GateRefused``:
+nothing was written, and the caller can tell that apart from a transport failure.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from requests.utils import resolve_proxies, select_proxy
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+from worker.errors import PaypollError
+
+
+class GateRefused(PaypollError):
+    """The gate raised ``reason`` before anything was written; the connection was dropped."""
+
+    def __init__(self, reason: BaseException) -> None:
+        super().__init__(f"not sent: {type(reason).__name__}")
+        self.reason = reason
+
+
+@dataclass
+class PendingGate:
+    """One exchange's gate; ``ran`` says whether a connection ran it."""
+
+    callback: Callable[[], None]
+    ran: bool = False
+
+
+_local = threading.local()
+
+
+@contextmanager
+def send_gate(callback: Callable[[], None]) -> Iterator[PendingGate]:
+    """Have the next request written by this thread run ``callback`` first, once connected."""
+    pending = PendingGate(callback)
+    _local.pending = pending
+    try:
+        yield pending
+    finally:
+        _local.pending = None
+
+
+class _GatedConnectionMixin:
+    """Runs this thread's pending gate after connecting and before writing the request."""
+
+    sock: Any
+
+    if TYPE_CHECKING:
+
+        def connect(self) -> None: ...  # urllib3's connection class provides it
+
+    def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> None:
+        pending: PendingGate | None = getattr(_local, "pending", None)
+        if pending is not None and not pending.ran:
+            pending.ran = True
+            if self.sock is None:
+                self.connect()  # what urllib3 would do inside the request, done first
+            try:
+                pending.callback()
+            except Exception as exc:
+                raise GateRefused(exc) from exc
+        super().request(method, url, *args, **kwargs)  # type: ignore[misc]
+
+
+class GatedHTTPConnection(_GatedConnectionMixin, HTTPConnection):
+    """urllib3's HTTP connection, running the thread's gate before writing."""
+
+
+class GatedHTTPSConnection(_GatedConnectionMixin, HTTPSConnection):
+    """urllib3's HTTPS connection (connected and TLS-established by the pool first)."""
+
+
+class GatedHTTPConnectionPool(HTTPConnectionPool):
+    ConnectionCls = GatedHTTPConnection
+
+
+class GatedHTTPSConnectionPool(HTTPSConnectionPool):
+    ConnectionCls = GatedHTTPSConnection
+
+
+class GatedAdapter(HTTPAdapter):
+    """An HTTPAdapter whose direct (unproxied) pools use gated connections."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": GatedHTTPConnectionPool,
+            "https": GatedHTTPSConnectionPool,
+        }
+
+
+def gate_applies(session: requests.Session, request: requests.PreparedRequest) -> bool:
+    """True when ``session`` will send ``request`` on a gated connection: its adapter is a
+    ``GatedAdapter`` and no proxy applies (a proxied request uses other pools)."""
+    url = request.url or ""
+    if not isinstance(session.get_adapter(url), GatedAdapter):
+        return False
+    proxies = resolve_proxies(request, dict(session.proxies), session.trust_env)
+    return select_proxy(url, proxies) is None
