@@ -12,6 +12,7 @@ docs/benchmarks.md, "Rate limiter".
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,6 +93,8 @@ class RateLimiter:
         self._sleep = sleep
         self._clock = clock
         self.redis_clock = RedisClock()
+        self.clock_probes = 0  # TIME commands sent by probe_clock (benchmarks count commands)
+        self._probe_lock = threading.Lock()
         # register_script sends nothing now: calls use EVALSHA, and redis-py's Script loads the
         # text and retries once on NOSCRIPT (after SCRIPT FLUSH or a Redis restart).
         self._reserve = redis.register_script(_script_text("reserve.lua"))
@@ -208,10 +211,46 @@ class RateLimiter:
             if attempt:
                 metrics.record_late_slot(booking.account)
                 booking = self.book_slot(booking.account, rate, max_wait)
+            # The clock model too loose to place the slot (typically a thundering herd at
+            # start-up: every answer read late) costs a late start or a wasted slot; one TIME
+            # round trip settles it, before the sleep if there is time, else after it.
+            loose = self._uncertainty(booking) > late_limit / 2
+            if loose and self._until_slot(booking) > late_limit:
+                loose = not self._settle_clock(booking, late_limit / 2)
             self.sleep_until(booking)
-            if self.lateness(booking) <= late_limit:
+            if self.lateness(booking) <= late_limit or attempt == LATE_REBOOKS:
+                break
+            settled = loose and self._settle_clock(booking, late_limit / 2)
+            if settled and self.lateness(booking) <= late_limit:
                 break
         return booking
+
+    def _settle_clock(self, booking: Reservation, tolerance: float) -> bool:
+        """Make the clock model place ``booking``'s slot to within ``tolerance`` seconds, with
+        one TIME probe if no other thread's probe or answer has done it meanwhile; return
+        whether it does now."""
+        with self._probe_lock:  # one probe serves every waiting thread of the process
+            if self._uncertainty(booking) > tolerance:
+                self.probe_clock()
+            return self._uncertainty(booking) <= tolerance
+
+    def _until_slot(self, booking: Reservation) -> float:
+        """Seconds from now to the earliest local time ``booking``'s slot can fall at."""
+        now = self._clock()
+        return booking.slot - self._offset(booking, now).high - now
+
+    def _uncertainty(self, booking: Reservation) -> float:
+        """How wide the clock model's bounds are for ``booking`` now, in seconds."""
+        bounds = self._offset(booking, self._clock())
+        return bounds.high - bounds.low
+
+    def probe_clock(self) -> None:
+        """Read Redis ``TIME`` once to tighten the clock model (one command)."""
+        asked_at = self._clock()
+        seconds, micros = self.redis.time()
+        answered_at = self._clock()
+        self.redis_clock.observe(asked_at, answered_at, seconds + micros / _MICRO)
+        self.clock_probes += 1
 
     def wait_for_slot(self, account: str, rate: float, max_wait: float) -> Reservation:
         """Book ``account``'s next slot within ``max_wait``, sleep until it and return it
