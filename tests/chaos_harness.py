@@ -709,6 +709,7 @@ def _judge(
         + (f"; NOT ASSERTED: host overloaded, load {load:.1f} per CPU" if overloaded else ""),
         total_429 <= allowed or overloaded,
     )
+    report.figures["429_diagnosis"] = _diagnose_429s(stats, by_client)
     sent = {by_client.get(c, c): s["max_requests_in_1s"] for c, s in stats["clients"].items()}
     report.figures["max_sent_in_1s_incl_refused"] = sent
     worst = max(window.values(), default=0)
@@ -748,6 +749,21 @@ def _judge(
         "limit_mode": "sliding",
         "rate": config.rate,
     }
+
+
+def _diagnose_429s(
+    stats: Mapping[str, Any], by_client: Mapping[str, str], limit: int = 5
+) -> list[dict[str, Any]]:
+    """For the first ``limit`` 429s: when (wall clock), and the key's accepted arrivals in the
+    second before, as offsets from the refused one: evenly spaced ones (-0.82, -0.615, ...)
+    mean a late call among them; a bunch means a burst."""
+    found: list[dict[str, Any]] = []
+    for client, data in stats["clients"].items():
+        accepted = sorted(data.get("accepted_times", []))
+        for refused in data.get("rate_limited_times", []):
+            before = [round(t - refused, 4) for t in accepted if refused - 1.0 < t <= refused]
+            found.append({"key": by_client.get(client, client), "at": refused, "window": before})
+    return sorted(found, key=lambda item: float(item["at"]))[:limit]
 
 
 def _429s_near(logs: str, restart: Mapping[str, Any], window: float = 5.0) -> dict[str, int]:

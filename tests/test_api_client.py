@@ -26,6 +26,7 @@ from tests.sandbox_fixture import RunningSandbox, sandbox_factory
 from tests.waiting import wait_until
 from worker.api import ApiClient, MalformedCreateResponse, PaymentRequest
 from worker.api.client import MAX_BODY
+from worker.api.limiting import GrantedSlot, UnlimitedLimiter
 from worker.errors import (
     Ambiguous,
     ApiError,
@@ -62,11 +63,11 @@ class RecordingLimiter:
 
     def book(
         self, account: str, rate: float, *, max_wait: float | None = None
-    ) -> Callable[[], float]:
+    ) -> Callable[[], GrantedSlot]:
         if self.far:
             raise SlotTooFar(account, 2.5)
         self.acquired.append((account, rate, max_wait))
-        return lambda: 0.0
+        return UnlimitedLimiter().book(account, rate)
 
     def penalize(self, account: str, retry_after: float | None) -> float:
         self.penalties.append((account, retry_after))

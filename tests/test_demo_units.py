@@ -124,3 +124,38 @@ def test_live_view_redraws_its_block_in_place() -> None:
     view.progress(_progress())
     # The second draw moves up over the 3 lines of the first block and clears below.
     assert out.getvalue()[len(first) :].startswith("\x1b[3F\x1b[J")
+
+
+def test_demo_sandbox_gets_its_secrets_from_the_environment_not_the_command_line(
+    tmp_path: Path,
+) -> None:
+    """`ps` shows every user a process's command line; the demo's sandbox secrets stay out."""
+    import requests
+
+    from worker.demo.stack import start_sandbox
+
+    plan = DemoPlan.make(accounts=2, rate=5, processes=1, threads=1, seed=1)
+    with contextlib.ExitStack() as stack:
+        child, url = start_sandbox(plan, tmp_path, stack)
+        command_line = Path(f"/proc/{child.process.pid}/cmdline").read_bytes()
+        for account in plan.accounts:
+            assert account.client_secret.reveal().encode() not in command_line
+            answer = requests.post(
+                f"{url}/oauth/token",
+                auth=(account.client_id, account.client_secret.reveal()),
+                data={"grant_type": "client_credentials"},
+                timeout=5,
+            )
+            assert answer.status_code == 200  # the sandbox knows the key all the same
+
+
+def test_sandbox_clients_variable_is_parsed_and_its_errors_hide_the_secret() -> None:
+    from worker.sandbox.cli import clients_from_env
+
+    assert clients_from_env("a:s1, b:s2\nc:s3") == {"a": "s1", "b": "s2", "c": "s3"}
+    assert clients_from_env("") == {}
+    with pytest.raises(
+        ValueError, match=r"PAYPOLL_SANDBOX_CLIENTS: entry 2: expected ID:SECRET"
+    ) as e:
+        clients_from_env("a:s1 topsecretnocolon")
+    assert "topsecretnocolon" not in str(e.value)

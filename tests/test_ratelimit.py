@@ -286,15 +286,18 @@ def test_an_answer_read_promptly_is_used(redis_client: redis.Redis, keys: Keys) 
     assert booking.wait == 0.0
 
 
-def test_a_second_late_slot_is_used_anyway(redis_client: redis.Redis, keys: Keys) -> None:
-    # Bounded cost on a saturated host: one fresh slot at most, then the caller goes.
+def test_late_for_the_fresh_slot_too_the_caller_gives_up(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    # A saturated host: the caller is late for its slot and for the fresh one. It sends
+    # nothing (a late call risks a 429 that would pause the whole key) and says when to retry.
     limiter = RateLimiter(redis=redis_client, keys=keys, margin=MARGIN)
     answers_read_late(limiter, [0.050, 0.300])
     before = late_slots("saturated")
-    booking = limiter.wait_for_slot("saturated", RATE, 1.0)
-    assert late_slots("saturated") == before + 1
-    assert limiter.lateness(booking) > limiter.late_limit(RATE)
-    assert time.time() - booking.slot > 0.05  # sent late, knowingly
+    with pytest.raises(SlotTooFar) as caught:
+        limiter.wait_for_slot("saturated", RATE, 1.0)
+    assert caught.value.retry_in == pytest.approx(INTERVAL)
+    assert late_slots("saturated") == before + 2
 
 
 def test_a_learnt_clock_keeps_an_on_time_slot_whose_answer_was_read_late(

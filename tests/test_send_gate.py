@@ -31,7 +31,7 @@ from worker.api.send_gate import (
     send_gate,
 )
 from worker.api.transport import new_session
-from worker.errors import ApiError, NotFound, SlotTooFar
+from worker.errors import ApiError, NotFound, NotSent, SlotTooFar
 from worker.keys import Keys
 from worker.ratelimit import RateLimiter
 from worker.settings import Account, Secret, Settings
@@ -172,3 +172,46 @@ def test_no_gate_through_a_proxy_or_a_foreign_adapter() -> None:
     plain = requests.Session()
     assert not gate_applies(plain, plain.prepare_request(requests.Request("GET", "http://a/")))
     assert isinstance(new_session().get_adapter("https://api.test/"), GatedAdapter)
+
+
+def test_a_create_whose_mark_made_it_late_is_not_sent(
+    strict_sandbox: RunningSandbox, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    # before_send is the create step's Redis write marking the payment as sent; on a Redis
+    # with appendfsync always it can take tens of milliseconds, after the slot's lateness
+    # check. Here it sleeps 40 ms (the stand-in for a slow fsync) on an idle key whose slot
+    # was "now": too late to send, so nothing is, and the error says a retry is safe.
+    settings = Settings(api_url=strict_sandbox.url, key_prefix=key_prefix).with_accounts(
+        Account("marked", CLIENT_ID, Secret(SECRET), rate=5.0)
+    )
+    limiter = RateLimiter(redis=redis_client, keys=Keys(key_prefix), max_wait=2.0)
+    client = ApiClient(settings=settings, redis=redis_client, limiter=limiter)
+    client.tokens.get(settings.account("marked"))
+    time.sleep(0.3)  # let the key go idle: the create's slot is "now"
+    marks: list[float] = []
+
+    def slow_mark() -> None:
+        marks.append(time.monotonic())
+        time.sleep(0.040)
+
+    with pytest.raises(NotSent) as caught:
+        client.create_payment(
+            "marked",
+            amount="10",
+            currency="USD",
+            redirect_url="https://x.test/",
+            before_send=slow_mark,
+        )
+    assert caught.value.retry_safe
+    assert len(marks) == 1
+    routes = strict_sandbox.stats(payments=False)["clients"][CLIENT_ID]["requests"]
+    assert set(routes) == {"POST /oauth/token"}  # the create never reached the API
+    # A prompt mark goes through.
+    made = client.create_payment(
+        "marked",
+        amount="10",
+        currency="USD",
+        redirect_url="https://x.test/",
+        before_send=lambda: None,
+    )
+    assert made.id

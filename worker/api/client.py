@@ -324,11 +324,21 @@ class ApiClient:
             # let the caller mark the request as sent.
             nonlocal waited, started
             try:
-                waited = wait_for_slot()
+                slot = wait_for_slot()
             except RedisError as exc:
                 raise _limiter_failed(exc, account, endpoint) from exc
+            waited = slot.waited
             if before_send is not None:
                 before_send()
+                # The caller's step (a Redis write: with appendfsync always it can take tens of
+                # milliseconds) ran after the slot's lateness check: check again. Nothing is
+                # written yet, so giving up is safe, and cheaper than a 429 pausing the key.
+                if slot.late():
+                    raise NotSent(
+                        "too late for its rate-limit slot once ready to send; nothing was sent",
+                        account=account.name,
+                        endpoint=endpoint,
+                    )
             started = time.perf_counter()
 
         gated = gate_applies(session, prepared)

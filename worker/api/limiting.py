@@ -10,14 +10,26 @@ from collections.abc import Callable
 from typing import Protocol
 
 
+class GrantedSlot(Protocol):
+    """A slot the caller has waited for: send now."""
+
+    #: seconds from asking for the slot to being allowed to send
+    waited: float
+
+    def late(self) -> bool:
+        """True when it is now too late to send in this slot (the caller did something slow
+        since the wait ended): send nothing, and retry."""
+        ...
+
+
 class Limiter(Protocol):
     """A per-account limiter shared by the fleet (docs/architecture.md, "The limiter")."""
 
     def book(
         self, account: str, rate: float, *, max_wait: float | None = None
-    ) -> Callable[[], float]:
+    ) -> Callable[[], GrantedSlot]:
         """Book the account's next slot; return a function that sleeps until it and returns
-        the seconds waited (the caller sends on return).
+        the granted slot (the caller sends on return).
 
         Raises ``SlotTooFar`` (nothing booked) when the slot is further than ``max_wait``; the
         returned function may raise it too (a late caller's fresh slot was too far).
@@ -38,8 +50,8 @@ class UnlimitedLimiter:
 
     def book(
         self, account: str, rate: float, *, max_wait: float | None = None
-    ) -> Callable[[], float]:
-        """Grant immediately: the wait returns 0.0 seconds at once."""
+    ) -> Callable[[], GrantedSlot]:
+        """Grant immediately: the wait returns at once, never late."""
         return _no_wait
 
     def penalize(self, account: str, retry_after: float | None) -> float:
@@ -47,5 +59,12 @@ class UnlimitedLimiter:
         return 0.0
 
 
-def _no_wait() -> float:
-    return 0.0
+class _AnyTime:
+    waited = 0.0
+
+    def late(self) -> bool:
+        return False
+
+
+def _no_wait() -> GrantedSlot:
+    return _AnyTime()

@@ -20,6 +20,7 @@ from pathlib import Path
 import requests
 
 from worker.demo.children import Child
+from worker.sandbox.config import CLIENTS_ENV
 from worker.settings import ENV_PREFIX, Account, Secret, Settings
 
 SANDBOX_START_TIMEOUT = 20.0  # seconds; interpreter start and imports dominate
@@ -101,8 +102,11 @@ def start_sandbox(plan: DemoPlan, workdir: Path, stack: contextlib.ExitStack) ->
     """Start the sandbox on a free loopback port (its stop registered on ``stack`` at once);
     returns it and its base URL."""
     argv = [sys.executable, "-m", "worker.sandbox", "--exit-with-parent", "--port", "0"]
-    for account in plan.accounts:
-        argv += ["--client", f"{account.client_id}:{account.client_secret.reveal()}"]
+    # The secrets go in the child's environment, not its command line (which `ps` shows).
+    env = _base_env()
+    env[CLIENTS_ENV] = " ".join(
+        f"{account.client_id}:{account.client_secret.reveal()}" for account in plan.accounts
+    )
     argv += [
         "--rate",
         f"{plan.rate:g}",
@@ -116,7 +120,7 @@ def start_sandbox(plan: DemoPlan, workdir: Path, stack: contextlib.ExitStack) ->
         str(plan.seed),
     ]
     child = Child(
-        "sandbox", argv, log_path=workdir / "sandbox.log", stdout=subprocess.PIPE, env=_base_env()
+        "sandbox", argv, log_path=workdir / "sandbox.log", stdout=subprocess.PIPE, env=env
     )
     stack.callback(child.stop)
     assert child.process.stdout is not None

@@ -27,7 +27,7 @@ from worker.keys import Keys
 from worker.ratelimit.redis_clock import OffsetBounds, RedisClock
 
 _MICRO = 1_000_000
-LATE_REBOOKS = 1  # fresh slots a late-waking caller may take before it sends anyway
+LATE_REBOOKS = 1  # fresh slots a late caller may take before it gives up (SlotTooFar)
 
 
 def _script_text(name: str) -> str:
@@ -198,13 +198,16 @@ class RateLimiter:
 
     def use_slot(self, booking: Reservation, rate: float, max_wait: float) -> Reservation:
         """Sleep until ``booking``'s slot and return the slot to send in (``booking`` or a
-        fresh one).
+        fresh one); never return a slot the caller is known to be late for.
 
         A caller that is more than ``late_limit`` past its slot when it gets here (a
         CPU-starved host, a thundering herd at start-up, a slow connect) leaves that slot
-        unused (a gap is always safe) and books one fresh slot; it uses the second one however
-        late, so the cost is bounded at two Redis calls and nobody starves on a saturated host.
-        The fresh slot may be too far: ``SlotTooFar``.
+        unused (a gap is always safe) and books one fresh slot. Late for that one too, it
+        gives up with ``SlotTooFar`` (nothing more booked; the job is rescheduled, one slot
+        later): a call sent that late can share a window with the call ``rate`` slots after
+        it, and the 429 would pause the whole key. So a call costs at most two Redis calls
+        and a saturated host slows down instead of drawing 429s. The fresh slot may also
+        simply be too far: ``SlotTooFar``.
         """
         late_limit = self.late_limit(rate)
         for attempt in range(LATE_REBOOKS + 1):
@@ -218,12 +221,13 @@ class RateLimiter:
             if loose and self._until_slot(booking) > late_limit:
                 loose = not self._settle_clock(booking, late_limit / 2)
             self.sleep_until(booking)
-            if self.lateness(booking) <= late_limit or attempt == LATE_REBOOKS:
-                break
+            if self.lateness(booking) <= late_limit:
+                return booking
             settled = loose and self._settle_clock(booking, late_limit / 2)
             if settled and self.lateness(booking) <= late_limit:
-                break
-        return booking
+                return booking
+        metrics.record_late_slot(booking.account)
+        raise SlotTooFar(booking.account, self.interval(rate))
 
     def _settle_clock(self, booking: Reservation, tolerance: float) -> bool:
         """Make the clock model place ``booking``'s slot to within ``tolerance`` seconds, with
@@ -259,12 +263,13 @@ class RateLimiter:
 
     def book(
         self, account: str, rate: float, *, max_wait: float | None = None
-    ) -> Callable[[], float]:
+    ) -> Callable[[], Granted]:
         """Book ``account``'s next slot now; return the function that waits for it.
 
         When the slot is at most ``max_wait`` seconds away (default: the limiter's) it is
         booked, and calling the returned function sleeps until it (``use_slot``) and returns
-        the seconds since this booking was asked: the caller may send on return. Otherwise
+        it as ``Granted`` (``waited``: the seconds since this booking was asked): the caller
+        may send on return. Otherwise
         nothing is booked and ``SlotTooFar(account, retry_in)`` is raised (by this call, or
         rarely by the wait when a late caller's fresh slot is too far): the job should be
         rescheduled for ``retry_in`` seconds from now rather than hold a thread.
@@ -280,22 +285,22 @@ class RateLimiter:
             metrics.record_far_slot(account)
             raise
 
-        def wait_for_it() -> float:
+        def wait_for_it() -> Granted:
             try:
-                self.use_slot(booking, rate, wait)
+                used = self.use_slot(booking, rate, wait)
             except SlotTooFar:
                 metrics.record_far_slot(account)
                 raise
             waited = self._clock() - started
             metrics.record_limiter_grant(account, waited)
-            return waited
+            return Granted(self, used, rate, waited)
 
         return wait_for_it
 
     def acquire(self, account: str, rate: float, *, max_wait: float | None = None) -> float:
         """Book ``account``'s next slot and wait for it (``book`` and its wait in one call);
         return the seconds spent. Raises ``SlotTooFar`` when the slot is too far."""
-        return self.book(account, rate, max_wait=max_wait)()
+        return self.book(account, rate, max_wait=max_wait)().waited
 
     def penalize(self, account: str, retry_after: float | None) -> float:
         """After a 429, pause ``account`` for every process; return the pause applied (seconds).
@@ -312,3 +317,21 @@ class RateLimiter:
         self._penalize(keys=[self.keys.limiter(account)], args=[int(pause * _MICRO)])
         metrics.record_penalty(account)
         return pause
+
+
+class Granted:
+    """A slot waited for (``RateLimiter.book``): ``waited`` seconds; ``late()`` tells whether
+    what the caller did since (a slow Redis write marking a create as sent) has made it too
+    late to send in it, by the limiter's ``late_limit``."""
+
+    def __init__(self, limiter: RateLimiter, booking: Reservation, rate: float, waited: float):
+        self._limiter = limiter
+        self.booking = booking
+        self._rate = rate
+        self.waited = waited
+
+    def late(self) -> bool:
+        if self._limiter.lateness(self.booking) <= self._limiter.late_limit(self._rate):
+            return False
+        metrics.record_late_slot(self.booking.account)
+        return True

@@ -59,6 +59,19 @@ def _client_arg(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def clients_from_env(text: str) -> dict[str, str]:
+    """The ``ID:SECRET`` entries of ``PAYPOLL_SANDBOX_CLIENTS``; ValueError naming the
+    variable and the entry's position, never its text (it holds a secret)."""
+    clients: dict[str, str] = {}
+    for position, entry in enumerate(text.replace(",", " ").split(), start=1):
+        try:
+            client_id, secret = parse_client(entry)
+        except ValueError as exc:
+            raise ValueError(f"{cfg.CLIENTS_ENV}: entry {position}: {exc}") from None
+        clients[client_id] = secret
+    return clients
+
+
 def _statuses(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(","))
 
@@ -82,8 +95,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="append",
         type=_client_arg,
         metavar="ID:SECRET",
-        help="an API key the sandbox accepts (repeatable); default "
-        f"{cfg.DEFAULT_CLIENT[0]}:{cfg.DEFAULT_CLIENT[1]} when none is given",
+        help="an API key the sandbox accepts (repeatable). The secret shows in `ps`: prefer "
+        f"{cfg.CLIENTS_ENV}='ID:SECRET ID:SECRET' (also read). Default "
+        f"{cfg.DEFAULT_CLIENT[0]}:{cfg.DEFAULT_CLIENT[1]} when none is given either way",
     )
     api.add_argument("--rate", type=float, default=cfg.RATE, help="requests per second per API key")
     api.add_argument(
@@ -212,7 +226,10 @@ def config_from_args(args: argparse.Namespace) -> SandboxConfig:
         drop_create_rate=args.drop_create_rate,
         malformed_rate=args.malformed_rate,
     )
-    clients = dict(args.client) if args.client else {cfg.DEFAULT_CLIENT[0]: cfg.DEFAULT_CLIENT[1]}
+    clients = dict(args.client or [])
+    clients.update(clients_from_env(os.environ.get(cfg.CLIENTS_ENV, "")))
+    if not clients:
+        clients = {cfg.DEFAULT_CLIENT[0]: cfg.DEFAULT_CLIENT[1]}
     return SandboxConfig(
         host=args.host,
         port=args.port,

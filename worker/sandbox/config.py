@@ -24,6 +24,10 @@ EXPIRE_AFTER = 600.0  # seconds a "stay pending" payment waits before it expires
 UNKNOWN_STATUS_NAME = "processing"  # an undocumented status, for tolerance tests
 MAX_AMOUNT = 1_000_000  # larger amounts are refused with 422 (well-formed but refused)
 
+#: API keys the sandbox accepts, "ID:SECRET" separated by spaces or commas: unlike --client,
+#: an environment is not shown to other users by `ps`.
+CLIENTS_ENV = "PAYPOLL_SANDBOX_CLIENTS"
+
 
 @dataclasses.dataclass(frozen=True)
 class SandboxConfig:
