@@ -43,24 +43,24 @@ SECRET = "gate-secret-8d1f"
 CONNECT_DELAY = 0.080
 
 
-class SlowGatedConnection(GatedHTTPConnection):
+class SlowConnect(HTTPConnection):
+    """A connection whose connect takes CONNECT_DELAY (the stand-in for a TLS handshake)."""
+
     def connect(self) -> None:
         time.sleep(CONNECT_DELAY)
         super().connect()
+
+
+class SlowGatedConnection(GatedHTTPConnection, SlowConnect):
+    pass
 
 
 class SlowGatedPool(GatedHTTPConnectionPool):
     ConnectionCls = SlowGatedConnection
 
 
-class SlowConnection(HTTPConnection):
-    def connect(self) -> None:
-        time.sleep(CONNECT_DELAY)
-        super().connect()
-
-
 class SlowPool(HTTPConnectionPool):
-    ConnectionCls = SlowConnection
+    ConnectionCls = SlowConnect
 
 
 def slow_session(*, gated: bool) -> requests.Session:
