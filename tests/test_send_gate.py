@@ -31,7 +31,7 @@ from worker.api.send_gate import (
     send_gate,
 )
 from worker.api.transport import new_session
-from worker.errors import ApiError, NotFound, NotSent, SlotTooFar
+from worker.errors import ApiError, NotFound, SlotMissed, SlotTooFar
 from worker.keys import Keys
 from worker.ratelimit import RateLimiter
 from worker.settings import Account, Secret, Settings
@@ -194,7 +194,7 @@ def test_a_create_whose_mark_made_it_late_is_not_sent(
         marks.append(time.monotonic())
         time.sleep(0.040)
 
-    with pytest.raises(NotSent) as caught:
+    with pytest.raises(SlotMissed) as caught:
         client.create_payment(
             "marked",
             amount="10",

@@ -7,8 +7,10 @@ retries that do or do not use up attempts, and every visible end state.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import redis
@@ -256,3 +258,42 @@ def test_failed_polls_back_off_and_are_counted_in_the_same_write(
     assert run_track(rt, CLIENT, "flaky") == "paid"
     rec = record(rt, "flaky")
     assert rec.errors == 0 and rec.last_error == "" and rec.polls == 1
+
+
+def test_a_create_too_late_after_its_mark_is_not_sent_nor_counted(
+    sandbox: RunningSandbox, redis_url: str, key_prefix: str, redis_client: redis.Redis
+) -> None:
+    """The sent-mark is a Redis write; slow (appendfsync always on a busy disk), it can make
+    the call late for its slot. Then nothing is sent, the mark and its attempt are undone, and
+    the create comes back at once. Here the mark is made slow by 40 ms (a stand-in for the
+    fsync), on a key limited to 5/s: 12.5 ms of lateness allowed."""
+    from worker.steps import run_create
+
+    settings = Settings(
+        redis_url=redis_url,
+        api_url=sandbox.url,
+        key_prefix=key_prefix,
+        accounts={CLIENT: Account(CLIENT, CLIENT, Secret(SECRET), rate=5)},
+    )
+    sandbox.reset()
+    rt = Runtime.build(settings, redis_client=redis_client)
+    rt.client.tokens.get(settings.account(CLIENT))  # the token's slot first
+    submit(rt)
+    transition = rt.store.transition
+
+    def slow_mark(*args: Any, **kwargs: Any) -> Any:
+        if (kwargs.get("fields") or {}).get("phase") == "sent":
+            time.sleep(0.040)
+        return transition(*args, **kwargs)
+
+    rt.store.transition = slow_mark  # type: ignore[method-assign]
+    time.sleep(0.3)  # the key goes idle: the create's slot is "now"
+    assert run_create(rt, CLIENT, "r1") == "slot_missed"
+    rec = record(rt)
+    assert rec.phase == "" and rec.attempts == 0 and rec.state == State.CREATING
+    assert "too late for its rate-limit slot" in rec.last_error
+    assert rt.redis.zscore(rt.keys.due(CLIENT, "create"), "r1") is not None
+    assert creates_seen(sandbox) == 0
+    rt.store.transition = transition  # type: ignore[method-assign]
+    assert run_create(rt, CLIENT, "r1") == "created"
+    assert record(rt).attempts == 1 and creates_seen(sandbox) == 1

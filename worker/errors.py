@@ -134,6 +134,12 @@ class NotSent(TransportError):
     retry_safe = True
 
 
+class SlotMissed(NotSent):
+    """Ready to send too late for the rate-limit slot (a slow step between the slot and the
+    write, such as the create's sent-mark): nothing was sent. Not a failure of the call: the
+    caller retries at once, with a fresh slot, without counting an attempt."""
+
+
 class Ambiguous(TransportError):
     """The request was sent but no answer came back (read timeout, dropped connection).
 

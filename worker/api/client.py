@@ -25,13 +25,14 @@ from worker.api.auth import IssuedToken, TokenCache
 from worker.api.limiting import Limiter, UnlimitedLimiter
 from worker.api.models import BadPayload, PaymentRequest, parse_payment
 from worker.api.responses import error_for_status, malformed
-from worker.api.send_gate import GateRefused, gate_applies, send_gate
+from worker.api.send_gate import GateRefused, plan_send, send_gate
 from worker.api.transport import is_connection_aborted, process_session, transport_error
 from worker.errors import (
     ApiError,
     MalformedResponse,
     NotSent,
     RateLimited,
+    SlotMissed,
     TransportError,
     Unauthorized,
     ValidationError,
@@ -334,14 +335,14 @@ class ApiClient:
                 # milliseconds) ran after the slot's lateness check: check again. Nothing is
                 # written yet, so giving up is safe, and cheaper than a 429 pausing the key.
                 if slot.late():
-                    raise NotSent(
+                    raise SlotMissed(
                         "too late for its rate-limit slot once ready to send; nothing was sent",
                         account=account.name,
                         endpoint=endpoint,
                     )
             started = time.perf_counter()
 
-        gated = gate_applies(session, prepared)
+        gated, proxies = plan_send(session, prepared)
         if gated:
             started = time.perf_counter()  # until the gate runs (a failed connect never does)
         else:
@@ -354,6 +355,7 @@ class ApiClient:
                 with send_gate(when_connected) if gated else nullcontext() as pending:
                     response = session.send(
                         prepared,
+                        proxies=proxies,
                         timeout=self._timeout,
                         stream=True,  # so the body is read with a size bound
                         allow_redirects=False,  # a redirect would re-send credentials elsewhere

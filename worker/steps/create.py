@@ -17,6 +17,7 @@ from worker.errors import (
     CredentialsRefused,
     MalformedResponse,
     RejectedInput,
+    SlotMissed,
     SlotTooFar,
 )
 from worker.runtime import Runtime
@@ -84,6 +85,21 @@ def run_create(rt: Runtime, account: str, reference_id: str) -> str:
     except SlotTooFar as exc:
         reschedule(rt, rec, state, "create", exc.retry_in, guard=("phase", ""))
         return "far_slot"
+    except SlotMissed as exc:
+        # Marked, then too late for the slot: nothing was sent. Undo the mark and the attempt
+        # it counted, and come back at once for a fresh slot (a slow host is not the API
+        # failing: it must not use up the create's attempts).
+        reschedule(
+            rt,
+            rec,
+            State.CREATING if marked else state,
+            "create",
+            0.0,
+            guard=("phase", "sent") if marked else ("phase", ""),
+            fields={"phase": "", "last_error": describe(exc)},
+            increments={"attempts": -1} if marked else None,
+        )
+        return "slot_missed"
     except RejectedInput as exc:
         return _end_create(rt, rec, State.REJECTED, describe(exc), marked)
     except (Ambiguous, MalformedResponse) as exc:
