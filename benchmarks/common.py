@@ -44,6 +44,14 @@ PIPELINE_INTRO = (
 
 
 # --- machine ----------------------------------------------------------------------------------
+def _git(*args: str) -> str:
+    """The output of ``git args`` in this repository, stripped ("" if git fails)."""
+    done = subprocess.run(
+        ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False
+    )
+    return done.stdout.strip()
+
+
 def machine() -> str:
     """One line: cores, Python, Redis version, and the load average when the run started."""
     load = Path("/proc/loadavg").read_text().split()[:3]
@@ -52,18 +60,8 @@ def machine() -> str:
         .stdout.split()[2]
         .removeprefix("v=")
     )
-    commit = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "-C", str(ROOT), "status", "--porcelain", "worker"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
+    commit = _git("rev-parse", "--short", "HEAD")
+    dirty = _git("status", "--porcelain", "worker")
     return (
         f"code at {commit}{' + uncommitted changes in worker/' if dirty else ''}; "
         f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, redis {redis_version}; "

@@ -47,21 +47,26 @@ def queued(client: redis.Redis, keys: Keys) -> int:
     return sum(int(client.zcard(keys.due(a, "create"))) for a in ("acme", "globex"))
 
 
-def test_submit_one_then_status_and_list(
-    env: dict[str, str], redis_client: redis.Redis, keys: Keys
-) -> None:
-    done = paypoll(
+def submit_one(env: dict[str, str], ref: str, amount: str) -> subprocess.CompletedProcess[str]:
+    """``paypoll submit`` of one payment of account acme."""
+    return paypoll(
         env,
         "submit",
         "--account",
         "acme",
         "--amount",
-        "12.50",
+        amount,
         "--redirect-url",
         "https://shop.test/ok",
         "--reference-id",
-        "order-7",
+        ref,
     )
+
+
+def test_submit_one_then_status_and_list(
+    env: dict[str, str], redis_client: redis.Redis, keys: Keys
+) -> None:
+    done = submit_one(env, "order-7", "12.50")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "order-7"
     status = paypoll(env, "status", "order-7", "--json")
@@ -179,18 +184,7 @@ def test_resolve_recreate_and_give_up(
     env: dict[str, str], redis_client: redis.Redis, keys: Keys
 ) -> None:
     for ref in ("lost-1", "lost-2"):
-        done = paypoll(
-            env,
-            "submit",
-            "--account",
-            "acme",
-            "--amount",
-            "5",
-            "--redirect-url",
-            "https://shop.test/ok",
-            "--reference-id",
-            ref,
-        )
+        done = submit_one(env, ref, "5")
         assert done.returncode == 0, done.stderr
         redis_client.hset(
             keys.payment("acme", ref), mapping={"state": "create_unknown", "phase": "unknown"}

@@ -27,7 +27,7 @@ from worker.api.send_gate import (
     GatedHTTPConnection,
     GatedHTTPConnectionPool,
     GateRefused,
-    gate_applies,
+    plan_send,
     send_gate,
 )
 from worker.api.transport import new_session
@@ -147,7 +147,7 @@ def test_gate_runs_once_connected_and_its_refusal_sends_nothing(
     adapter.poolmanager.pool_classes_by_scheme = {"http": RecordingPool}
     url = f"{strict_sandbox.url}/payments/request/x"
     prepared = session.prepare_request(requests.Request("GET", url))
-    assert gate_applies(session, prepared)
+    assert plan_send(session, prepared)[0]
     connected: list[bool] = []
 
     def refuse() -> None:
@@ -166,11 +166,11 @@ def test_gate_runs_once_connected_and_its_refusal_sends_nothing(
 def test_no_gate_through_a_proxy_or_a_foreign_adapter() -> None:
     session = new_session()
     prepared = session.prepare_request(requests.Request("GET", "http://api.test/x"))
-    assert gate_applies(session, prepared)
+    assert plan_send(session, prepared)[0]
     session.proxies = {"http": "http://proxy.test:3128"}
-    assert not gate_applies(session, prepared)  # a proxied request uses the proxy's pools
+    assert not plan_send(session, prepared)[0]  # a proxied request uses the proxy's pools
     plain = requests.Session()
-    assert not gate_applies(plain, plain.prepare_request(requests.Request("GET", "http://a/")))
+    assert not plan_send(plain, plain.prepare_request(requests.Request("GET", "http://a/")))[0]
     assert isinstance(new_session().get_adapter("https://api.test/"), GatedAdapter)
 
 

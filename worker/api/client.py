@@ -307,17 +307,17 @@ class ApiClient:
         # Built before the slot is taken: the time between a slot and the request on the wire
         # is the jitter the limiter's margin must absorb, so nothing avoidable happens there
         # (preparing reads the environment and ~/.netrc, and serialises the body).
-        prepared = self.session.prepare_request(
+        session = self.session
+        prepared = session.prepare_request(
             requests.Request(method, url, headers=dict(headers), json=json_body, data=form_body)
         )
-        session = self.session
         # SlotTooFar propagates from here: nothing was sent, nothing is recorded as a call.
         try:
             wait_for_slot = self._limiter.book(account.name, account.rate, max_wait=max_wait)
         except RedisError as exc:
             raise _limiter_failed(exc, account, endpoint) from exc
         waited = 0.0
-        started = 0.0
+        started = time.perf_counter()  # reset when the slot is reached (a failed connect never is)
 
         def when_connected() -> None:
             # The last step before the request is written, once the connection is made (a
@@ -343,9 +343,7 @@ class ApiClient:
             started = time.perf_counter()
 
         gated, proxies = plan_send(session, prepared)
-        if gated:
-            started = time.perf_counter()  # until the gate runs (a failed connect never does)
-        else:
+        if not gated:
             when_connected()  # through a proxy: our pools are not used, so wait here
         status: int | None = None
         error: ApiError | None = None

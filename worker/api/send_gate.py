@@ -9,7 +9,7 @@ sends nothing), then lets the connection run the "gate" (sleep until the slot, c
 not late, mark a create as sent) once it is connected, right before the first byte goes out.
 
 Only connections of the pools mounted by ``GatedAdapter`` run gates, and only for URLs that
-reach the API directly (``gate_applies``): through a proxy the client runs the gate itself
+reach the API directly (``plan_send``): through a proxy the client runs the gate itself
 before sending, as before. The gate travels in a thread-local, one per exchange, run at most
 once. An exception raised by the gate comes out of ``Session.send`` wrapped in ``GateRefused``:
 nothing was written, and the caller can tell that apart from a transport failure.
@@ -124,8 +124,3 @@ def plan_send(
         isinstance(session.get_adapter(url), GatedAdapter) and select_proxy(url, proxies) is None
     )
     return gated, proxies
-
-
-def gate_applies(session: requests.Session, request: requests.PreparedRequest) -> bool:
-    """True when ``session`` will send ``request`` on a gated connection (``plan_send``)."""
-    return plan_send(session, request)[0]

@@ -269,10 +269,10 @@ class RateLimiter:
         When the slot is at most ``max_wait`` seconds away (default: the limiter's) it is
         booked, and calling the returned function sleeps until it (``use_slot``) and returns
         it as ``Granted`` (``waited``: the seconds since this booking was asked): the caller
-        may send on return. Otherwise
-        nothing is booked and ``SlotTooFar(account, retry_in)`` is raised (by this call, or
-        rarely by the wait when a late caller's fresh slot is too far): the job should be
-        rescheduled for ``retry_in`` seconds from now rather than hold a thread.
+        may send on return. Otherwise nothing is booked and ``SlotTooFar(account, retry_in)``
+        is raised (by this call, or by the wait when the caller was late for its slot and its
+        fresh one): the job should be rescheduled for ``retry_in`` seconds from now rather
+        than hold a thread.
 
         Two steps so that the client can make its connection in between: a connect after
         the slot would make the call late (worker/api/send_gate.py).
