@@ -70,11 +70,22 @@ def exporter(multiproc_dir: Path) -> Iterator[Exporter]:
     handle.stop()
 
 
+@pytest.fixture(autouse=True)
+def _no_child_outlives_its_test() -> Iterator[None]:
+    """A failed test leaves no child waiting on its release: each is killed at teardown."""
+    yield
+    for child in SPAWN.active_children():
+        child.kill()
+        child.join(10)
+
+
 def _start(api_calls: int, terminal: int, *, crash: bool) -> tuple[Any, Any]:
     started, release = SPAWN.Event(), SPAWN.Event()
-    process = SPAWN.Process(target=_record, args=(api_calls, terminal, started, release, crash))
+    process = SPAWN.Process(
+        target=_record, args=(api_calls, terminal, started, release, crash), daemon=True
+    )
     process.start()
-    assert started.wait(30), "child did not start recording"
+    assert started.wait(30), f"child pid {process.pid} did not start recording in 30 s"
     return process, release
 
 
