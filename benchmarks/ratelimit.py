@@ -105,7 +105,10 @@ def worker(spec: dict[str, Any], out: Queue[Any]) -> None:
                     backend, f"bench-b-{account}", limit=int(RATE), bucket=1000
                 )
     # The schedule: (due wall time, seq, account); every caller of every key is one job.
-    jobs = [(start_at, i, a) for i, a in enumerate(accounts * spec["callers_per_key"])]
+    # (due, seq, account, hold): hold is the slot paypoll's limiter held for the job, if any.
+    jobs: list[tuple[float, int, str, float | None]] = [
+        (start_at, i, a, None) for i, a in enumerate(accounts * spec["callers_per_key"])
+    ]
     heapq.heapify(jobs)
     cond = threading.Condition()
     seq = [len(jobs)]
@@ -115,25 +118,26 @@ def worker(spec: dict[str, Any], out: Queue[Any]) -> None:
     delays: list[float] = []
     slots: list[float] = []
     refused = [0]
+    held = [0]  # far answers that held a slot for the job
     granted = [0]
     limiter_cpu = [0.0]
 
-    def put_back(due: float, account: str) -> None:
+    def put_back(due: float, account: str, hold: float | None = None) -> None:
         with cond:
             seq[0] += 1
-            heapq.heappush(jobs, (due, seq[0], account))
+            heapq.heappush(jobs, (due, seq[0], account, hold))
             cond.notify()
 
-    def take() -> str | None:
+    def take() -> tuple[str, float | None] | None:
         with cond:
             while True:
                 if time.time() >= end_at:
                     return None
                 if jobs:
-                    due, _, account = jobs[0]
+                    due, _, account, hold = jobs[0]
                     if due <= time.time():
                         heapq.heappop(jobs)
-                        return account
+                        return account, hold
                     cond.wait(min(due, end_at) - time.time())
                 else:
                     cond.wait(end_at - time.time())
@@ -142,24 +146,28 @@ def worker(spec: dict[str, Any], out: Queue[Any]) -> None:
         caller = TokenCaller(spec["url"], spec["http"])
         caller.connect()
         rng = random.Random()
-        while (account := take()) is not None:
+        while (job := take()) is not None:
+            account, hold = job
             cpu0 = time.thread_time()
             slot: float | None = None
             if kind == "paypoll":
-                # The product's path (what ApiClient's acquire runs): book, sleep, and take one
-                # fresh slot when the wake-up came too late for the booked one.
+                # The product's path (what ApiClient runs): book (or take up the slot held for
+                # this job), sleep, and take one fresh slot when the wake-up came too late for
+                # the booked one. A far slot is held: the job comes back for it (as an actor's
+                # step is rescheduled with its hold), half of max_wait before it.
                 try:
-                    booking = limiter.wait_for_slot(account, RATE, max_wait)
+                    granted_slot = limiter.book(account, RATE, max_wait=max_wait, hold=hold)()
                 except SlotTooFar as far:
                     limiter_cpu[0] += time.thread_time() - cpu0
                     with lock:
                         refused[0] += 1
-                    put_back(time.time() + far.retry_in, account)
+                        held[0] += far.hold is not None
+                    put_back(time.time() + far.retry_in, account, far.hold)
                     continue
                 limiter_cpu[0] += time.thread_time() - cpu0
                 with lock:
                     granted[0] += 1
-                slot = booking.slot
+                slot = granted_slot.booking.slot
             elif kind == "per-process":
                 slot, ok = local.reserve(account)
                 limiter_cpu[0] += time.thread_time() - cpu0
@@ -219,6 +227,7 @@ def worker(spec: dict[str, Any], out: Queue[Any]) -> None:
             "delays": delays,
             "slots": slots,
             "refused": refused[0],
+            "held": held[0],
             "granted": granted[0],
             "cpu": cpu,
             "limiter_cpu": limiter_cpu[0],
@@ -345,6 +354,7 @@ def scenario(
         "max_requests_in_1s": max(seen.get(a, {}).get("max_requests_in_1s", 0) for a in accounts),
         "max_accepted_in_1s": max(seen.get(a, {}).get("max_accepted_in_1s", 0) for a in accounts),
         "refused": sum(r["refused"] for r in results),
+        "held": sum(r["held"] for r in results),
         "late_rebooks": sum(r["late_rebooks"] for r in results),
         "clock_probes": probes,
         "granted": granted,
@@ -436,7 +446,7 @@ def fmt(value: Any, spec: str = ".2f") -> str:
 def table(rows: list[dict[str, Any]], label: str) -> str:
     head = (
         f"| {label} | calls/s per key (share of limit, mean / min; mean after 2 s) | 429s | "
-        "max requests in 1 s (max accepted) | refused attempts | late rebooks (clock probes) | Redis commands "
+        "max requests in 1 s (max accepted) | far answers (slot held) | late rebooks (clock probes) | Redis commands "
         "per grant | client CPU ms per call (limiter only) | slot-to-start p50 / p99 / max ms | "
         "margin needed (ms) | load avg before/after |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|"
@@ -451,7 +461,8 @@ def table(rows: list[dict[str, Any]], label: str) -> str:
         lines.append(
             f"| {name} | {r['share_mean'] * RATE:.2f} ({r['share_mean']:.1%} / "
             f"{r['share_min']:.1%}; {r['share_steady_mean']:.1%}) | {r['http_429']} | "
-            f"{r['max_requests_in_1s']} ({r['max_accepted_in_1s']}) | {r['refused']} | "
+            f"{r['max_requests_in_1s']} ({r['max_accepted_in_1s']}) | {r['refused']} "
+            f"({r['held']}) | "
             f"{r['late_rebooks']} ({r['clock_probes']}) | {r['commands_per_grant']:.2f} | "
             f"{r['cpu_ms_per_call']:.2f} ({r['limiter_cpu_ms_per_call']:.3f}) | "
             f"{fmt(r['delay_p50_ms'])} / {fmt(r['delay_p99_ms'])} / {fmt(r['delay_max_ms'])} | "

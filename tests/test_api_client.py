@@ -59,14 +59,21 @@ class RecordingLimiter:
     def __init__(self, far: bool = False) -> None:
         self.far = far
         self.acquired: list[tuple[str, float, float | None]] = []
+        self.holds: list[float | None] = []  # the hold passed with each booking
         self.penalties: list[tuple[str, float | None]] = []
 
     def book(
-        self, account: str, rate: float, *, max_wait: float | None = None
+        self,
+        account: str,
+        rate: float,
+        *,
+        max_wait: float | None = None,
+        hold: float | None = None,
     ) -> Callable[[], GrantedSlot]:
         if self.far:
             raise SlotTooFar(account, 2.5)
         self.acquired.append((account, rate, max_wait))
+        self.holds.append(hold)
         return UnlimitedLimiter().book(account, rate)
 
     def penalize(self, account: str, retry_after: float | None) -> float:
@@ -218,12 +225,14 @@ def test_401_renews_the_token_once(
     key_prefix: str,
 ) -> None:
     sandbox = _start(sandbox_factory)
-    client, _ = make_client(sandbox.url)
+    client, limiter = make_client(sandbox.url)
     _create(client)
     old = redis_client.get(Keys(key_prefix).token("acme"))
     sandbox.reset()  # the sandbox forgets every token it issued
-    created = _create(client, reference_id="after-reset")
+    created = _create(client, reference_id="after-reset", hold=123.0)
     assert created.reference_id == "after-reset"
+    # A held slot serves the first attempt only: the renewal and the retry book their own.
+    assert limiter.holds == [None, None, 123.0, None, None]
     stats = sandbox.client_stats(CLIENT_ID)
     assert stats["requests"]["POST /payments/request"] == {"200": 1}
     assert stats["token_calls"] == 1
@@ -233,6 +242,18 @@ def test_401_renews_the_token_once(
     new = redis_client.get(Keys(key_prefix).token("acme"))
     assert new
     assert new != old
+
+
+def test_a_held_slot_goes_to_the_first_booking_the_token_call_when_there_is_one(
+    sandbox_factory: Factory, make_client: Callable[..., Any]
+) -> None:
+    sandbox = _start(sandbox_factory)
+    client, limiter = make_client(sandbox.url)
+    _create(client, reference_id="first", hold=50.0)  # no token yet: the token call books first
+    _create(client, reference_id="second", hold=60.0)  # the token is cached: the create books
+    _create(client, reference_id="third")
+    assert limiter.holds == [50.0, None, 60.0, None]
+    assert sandbox.client_stats(CLIENT_ID)["token_calls"] == 1
 
 
 def test_second_401_raises_unauthorized(

@@ -9,6 +9,7 @@ import time
 import pytest
 import redis
 
+from tests.counting import CountingReserve
 from tests.redis_server import running_redis
 from worker.errors import SlotTooFar
 from worker.keys import Keys
@@ -65,16 +66,17 @@ def test_fractional_rate_is_rounded_down_to_whole_calls(limiter: RateLimiter) ->
 def test_a_far_answer_books_nothing(
     limiter: RateLimiter, redis_client: redis.Redis, keys: Keys
 ) -> None:
-    granted = [limiter.reserve("acme", RATE, max_wait=0.9) for _ in range(5)]
+    # Beyond max_ahead (here equal to max_wait, so nothing is held either).
+    granted = [limiter.reserve("acme", RATE, max_wait=0.9, max_ahead=0.9) for _ in range(5)]
     assert all(b.granted for b in granted)  # slots at 0, .205, .41, .615, .82
     before = stored_slot(redis_client, keys, "acme")
-    far = [limiter.reserve("acme", RATE, max_wait=0.9) for _ in range(20)]
-    assert not any(b.granted for b in far)
+    far = [limiter.reserve("acme", RATE, max_wait=0.9, max_ahead=0.9) for _ in range(20)]
+    assert not any(b.granted or b.held for b in far)
     assert stored_slot(redis_client, keys, "acme") == before
     # Every far answer named the same slot, the one still free.
     assert len({b.slot for b in far}) == 1
     assert far[0].slot - granted[-1].slot == pytest.approx(INTERVAL, abs=2e-6)
-    # ... and told each to come back when it is half of max_wait away.
+    # ... and told each to come back when it is half of max_ahead away.
     for b in far:
         assert b.retry_in == pytest.approx(b.wait - 0.45, abs=1e-6)
     after = limiter.reserve("acme", RATE, max_wait=10.0)
@@ -82,15 +84,20 @@ def test_a_far_answer_books_nothing(
     assert after.slot == far[0].slot
 
 
-def test_acquire_raises_slot_too_far_with_when_to_retry(limiter: RateLimiter) -> None:
-    for _ in range(5):
-        assert limiter.reserve("acme", RATE, max_wait=1.0).granted
+def test_acquire_holds_a_far_slot_and_says_when_to_come_back(
+    limiter: RateLimiter, redis_client: redis.Redis, keys: Keys
+) -> None:
+    first = [limiter.reserve("acme", RATE, max_wait=1.0) for _ in range(5)]
     started = time.monotonic()
     with pytest.raises(SlotTooFar) as info:
         limiter.acquire("acme", RATE, max_wait=0.5)
     assert time.monotonic() - started < 0.1  # told at once, did not sleep
     assert info.value.account == "acme"
-    # The free slot is at 5 * 0.205 s: come back when it is 0.25 s (max_wait / 2) away.
+    # The free slot, at 5 * 0.205 s, is booked and held for the caller (within max_ahead)...
+    assert info.value.hold == pytest.approx(first[0].slot + 5 * INTERVAL, abs=1e-5)
+    held_until = int(stored_slot(redis_client, keys, "acme") or 0) / 1e6
+    assert held_until == pytest.approx(info.value.hold + INTERVAL, abs=2e-6)
+    # ... and it should come back when the slot is 0.25 s (max_wait / 2) away.
     assert info.value.retry_in == pytest.approx(5 * INTERVAL - 0.25, abs=0.05)
 
 
@@ -112,18 +119,76 @@ def test_acquire_uses_the_injected_sleep(redis_client: redis.Redis, keys: Keys) 
     assert INTERVAL - 0.1 <= slept[0] <= INTERVAL  # less what passed between the two calls
 
 
-def test_booking_ahead_is_capped_by_max_wait(
+def test_booking_ahead_is_capped_by_max_ahead(
     limiter: RateLimiter, redis_client: redis.Redis, keys: Keys
 ) -> None:
-    results = [limiter.reserve("acme", RATE, max_wait=0.9) for _ in range(50)]
-    # Slots 0 .. 0.82 s fit in 0.9 s; 1.025 s does not (even 0.1 s
-    # later): fifty callers could not book more.
-    assert sum(b.granted for b in results) == 5
+    results = [limiter.reserve("acme", RATE, max_wait=0.9, max_ahead=2.0) for _ in range(50)]
+    # Slots 0 .. 0.82 s are within max_wait (sleep for them), 1.025 .. 1.845 s within max_ahead
+    # (held); 2.05 s is not: fifty callers could not book more.
+    assert [(b.granted, b.held) for b in results[:10]] == [(True, False)] * 5 + [(True, True)] * 5
+    assert not any(b.granted or b.held for b in results[10:])
     booked_until = int(stored_slot(redis_client, keys, "acme") or 0) / 1e6
-    assert booked_until - results[0].now == pytest.approx(5 * INTERVAL, abs=0.01)
+    assert booked_until - results[0].now == pytest.approx(10 * INTERVAL, abs=0.01)
     # The state expires once its slot is past: a dead caller's bookings leave nothing behind.
     ttl_ms = redis_client.pttl(keys.limiter("acme"))
-    assert 0 < ttl_ms <= 5 * INTERVAL * 1000 + 2
+    assert 0 < ttl_ms <= 10 * INTERVAL * 1000 + 2
+
+
+def test_a_held_slot_is_used_without_a_second_reservation(limiter: RateLimiter) -> None:
+    for _ in range(3):
+        limiter.reserve("acme", RATE, max_wait=1.0)
+    reserves = CountingReserve(limiter)
+    with pytest.raises(SlotTooFar) as info:
+        limiter.book("acme", RATE, max_wait=0.3)
+    assert reserves.calls == 1 and info.value.hold is not None
+    # Back after retry_in, as a rescheduled job would be: the held slot, no reservation.
+    time.sleep(info.value.retry_in)
+    granted = limiter.book("acme", RATE, max_wait=0.3, hold=info.value.hold)()
+    assert reserves.calls == 1
+    assert granted.booking.slot == info.value.hold
+    # It waited until the held slot (Redis clock), not less.
+    seconds, micros = limiter.redis.time()
+    assert seconds + micros / 1e6 >= info.value.hold
+    # The next caller gets the slot after it: the hold was a booking like any other.
+    assert limiter.reserve("acme", RATE, max_wait=1.0).slot == pytest.approx(
+        info.value.hold + INTERVAL, abs=2e-6
+    )
+
+
+def test_a_hold_back_too_early_is_handed_back_without_a_reservation(
+    limiter: RateLimiter,
+) -> None:
+    hold = limiter.reserve("acme", RATE, max_wait=0.0).now + 3.0
+    reserves = CountingReserve(limiter)
+    with pytest.raises(SlotTooFar) as info:
+        limiter.book("acme", RATE, max_wait=1.0, hold=hold)
+    assert reserves.calls == 0
+    assert info.value.hold == hold
+    assert info.value.retry_in == pytest.approx(3.0 - 0.5, abs=0.05)
+
+
+def test_a_stale_hold_is_ignored_and_a_slot_booked(limiter: RateLimiter) -> None:
+    now = limiter.reserve("acme", RATE, max_wait=0.0).now
+    reserves = CountingReserve(limiter)
+    granted = limiter.book("acme", RATE, hold=now - 30.0)()  # an old run's hold
+    assert reserves.calls == 1
+    assert granted.booking.slot == pytest.approx(now + INTERVAL, abs=0.05)
+    assert not granted.booking.held
+
+
+def test_a_hold_in_a_process_without_a_clock_model_costs_one_time_probe(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    booker = RateLimiter(redis=redis_client, keys=keys, margin=MARGIN, max_wait=0.0)
+    booker.book("acme", RATE)  # free now
+    with pytest.raises(SlotTooFar) as info:
+        booker.book("acme", RATE)  # 0.205 s away, more than max_wait 0: held
+    assert info.value.hold is not None
+    fresh = RateLimiter(redis=redis_client, keys=keys, margin=MARGIN, max_wait=1.0)
+    reserves = CountingReserve(fresh)
+    granted = fresh.book("acme", RATE, hold=info.value.hold)()
+    assert (reserves.calls, fresh.clock_probes) == (0, 1)
+    assert granted.booking.slot == info.value.hold
 
 
 def test_penalty_is_seen_by_another_client(
@@ -132,7 +197,8 @@ def test_penalty_is_seen_by_another_client(
     first = RateLimiter(redis=redis_client, keys=keys, margin=MARGIN)
     other_client = redis.Redis.from_url(redis_url)
     try:
-        other = RateLimiter(redis=other_client, keys=keys, margin=MARGIN)
+        # max_ahead 1 s: the paused slot is reported, not held (holding is tested above).
+        other = RateLimiter(redis=other_client, keys=keys, margin=MARGIN, max_ahead=1.0)
         assert first.penalize("acme", 2.5) == 2.5
         seen: Reservation = other.reserve("acme", RATE, max_wait=1.0)
         assert not seen.granted

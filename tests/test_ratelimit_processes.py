@@ -42,8 +42,8 @@ def call_for(
     ``sandbox`` = (base URL, secret) is given.
 
     A granted call to the sandbox is a token request (rate limited like every route), with
-    ``account`` as client_id. A caller told SlotTooFar sleeps ``retry_in`` and asks again, as a
-    rescheduled job would. A 429 penalizes the key, as the API client does.
+    ``account`` as client_id. A caller told SlotTooFar sleeps ``retry_in`` and comes back with
+    the slot held for it (if one was), as a rescheduled job would. A 429 penalizes the key, as the API client does.
     """
     client = redis.Redis.from_url(redis_url)
     limiter = RateLimiter(redis=client, keys=Keys(prefix), margin=MARGIN)
@@ -56,12 +56,15 @@ def call_for(
     def caller() -> None:
         session = requests.Session()
         time.sleep(max(0.0, start_at - time.time()))
+        hold: float | None = None
         while time.time() < start_at + duration:
             try:
-                limiter.acquire(account, rate)
+                limiter.acquire(account, rate, hold=hold)
             except SlotTooFar as far:
+                hold = far.hold
                 time.sleep(far.retry_in)
                 continue
+            hold = None
             now = time.time()
             status = 0
             if sandbox is not None:
@@ -153,11 +156,14 @@ def test_a_penalty_from_one_process_delays_the_next_call_of_another(
 
 
 def book_and_hang(
-    redis_url: str, prefix: str, account: str, count: int, max_wait: float, out: Queue[Any]
+    redis_url: str, prefix: str, account: str, count: int, max_ahead: float, out: Queue[Any]
 ) -> None:
-    """Book slots of ``account`` without sleeping on them, report the last one, then hang."""
-    limiter = RateLimiter(redis=redis.Redis.from_url(redis_url), keys=Keys(prefix), margin=MARGIN)
-    bookings = [limiter.reserve(account, 5.0, max_wait) for _ in range(count)]
+    """Book slots of ``account`` (to sleep on within 0.5 s, held beyond it) without using
+    them, report the last one, then hang."""
+    limiter = RateLimiter(
+        redis=redis.Redis.from_url(redis_url), keys=Keys(prefix), margin=MARGIN, max_ahead=max_ahead
+    )
+    bookings = [limiter.reserve(account, 5.0, 0.5) for _ in range(count)]
     granted = [b for b in bookings if b.granted]
     out.put((len(granted), granted[-1].slot, max(b.wait for b in granted)))
     time.sleep(60)  # a caller stuck before sending; it is killed here
@@ -170,7 +176,7 @@ def test_reservations_of_a_killed_process_starve_no_one_beyond_the_cap(
     proc = SPAWN.Process(target=book_and_hang, args=(redis_url, key_prefix, "acme", 100, 2.0, out))
     proc.start()
     granted, last_slot, furthest = out.get(timeout=20)
-    # 100 attempts, but only slots within max_wait=2 s could be booked (about ten of them).
+    # 100 attempts, but only slots within max_ahead=2 s could be booked (about ten of them).
     assert 10 <= granted <= 12
     assert furthest <= 2.0
     assert proc.pid is not None

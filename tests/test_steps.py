@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests.counting import CountingReserve
 from tests.sandbox_fixture import RunningSandbox, running_sandbox
 from tests.waiting import wait_until
 from worker.runtime import Runtime
@@ -139,6 +140,32 @@ def test_far_slot_reschedules_without_using_an_attempt(
     due = rt.redis.zscore(rt.keys.due(CLIENT, "create"), "r1")
     assert due is not None and due > rt.store.now() + 3
     assert creates_seen(sandbox) == 0
+
+
+def test_a_far_slot_is_held_for_the_rescheduled_step_which_then_books_nothing(
+    rt_sandbox: tuple[Runtime, RunningSandbox],
+) -> None:
+    from worker.steps import run_create
+
+    rt, sandbox = rt_sandbox
+    submit(rt)
+    rt.client.tokens.get(rt.settings.account(CLIENT))  # a token in hand: one call per run
+    rt.limiter.penalize(CLIENT, 1.5)  # the next slot is 1.5 s away: beyond max_wait, held
+    assert run_create(rt, CLIENT, "r1") == "far_slot"
+    rec = record(rt)
+    assert rec.state == State.QUEUED and rec.attempts == 0 and rec.slot_hold is not None
+    assert rec.slot_hold == pytest.approx(rt.store.now() + 1.5, abs=0.1)
+    # Due half of max_wait before the held slot, so that it sleeps the rest.
+    due = rt.redis.zscore(rt.keys.due(CLIENT, "create"), "r1")
+    assert due == pytest.approx(rec.slot_hold - rt.settings.max_wait / 2, abs=0.05)
+    wait_until(lambda: rt.store.now() >= due, timeout=5, what="the step to be due")
+    reserves = CountingReserve(rt.limiter)
+    assert run_create(rt, CLIENT, "r1") == "created"
+    assert reserves.calls == 0  # the held slot, not a new reservation
+    assert rt.store.now() >= rec.slot_hold  # not sent before it
+    rec = record(rt)
+    assert rec.state == State.PENDING and rec.slot_hold is None and rec.attempts == 1
+    assert creates_seen(sandbox) == 1
 
 
 def test_server_errors_are_retried_until_attempts_run_out(

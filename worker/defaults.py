@@ -24,6 +24,7 @@ TOKEN_LOCK_TTL = 15.0  # seconds a process may hold the token-renewal lock befor
 RATE = 5.0  # requests per second per API key (api-contract.md)
 RATE_MARGIN = 0.005  # seconds added to each slot interval to absorb jitter (measured, see docs)
 MAX_WAIT = 1.0  # seconds a caller sleeps for a slot; a later slot reschedules the job instead
+MAX_AHEAD = 10.0  # seconds ahead a slot is still booked (held for the rescheduled job); the cap
 PENALTY_DEFAULT = 1.0  # seconds a key pauses after a 429 without Retry-After
 PENALTY_MAX = 60.0  # a Retry-After larger than this is capped (a broken header must not stall us)
 

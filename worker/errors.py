@@ -150,11 +150,16 @@ class Ambiguous(TransportError):
 class SlotTooFar(PaypollError):
     """The limiter's next free slot for an account is further than the caller may wait.
 
-    Nothing was booked; ``retry_in`` seconds from now is when to try again (an actor reschedules
-    its job for then instead of holding a worker thread).
+    ``retry_in`` seconds from now is when to come back (an actor reschedules its job for then
+    instead of holding a worker thread). When ``hold`` is set, a slot was booked for the caller
+    and held: ``hold`` is its time on the Redis clock, to be handed back to the limiter (the
+    client's ``hold=``) when the job comes back, which then costs no second reservation. When it
+    is None nothing was booked.
     """
 
-    def __init__(self, account: str, retry_in: float) -> None:
+    def __init__(self, account: str, retry_in: float, hold: float | None = None) -> None:
         self.account = account
         self.retry_in = retry_in
-        super().__init__(f"next slot for account={account} is {retry_in:.3f}s away")
+        self.hold = hold
+        held = ", held for the caller" if hold is not None else ""
+        super().__init__(f"next slot for account={account} is {retry_in:.3f}s away{held}")

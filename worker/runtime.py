@@ -42,6 +42,7 @@ class Runtime:
             keys=keys,
             margin=settings.rate_margin,
             max_wait=settings.max_wait,
+            max_ahead=settings.max_ahead,
             penalty_default=settings.penalty_default,
         )
         return cls(

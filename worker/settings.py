@@ -170,6 +170,7 @@ class Settings:
     token_renew_before: float = defaults.TOKEN_RENEW_BEFORE
     rate_margin: float = defaults.RATE_MARGIN
     max_wait: float = defaults.MAX_WAIT
+    max_ahead: float = defaults.MAX_AHEAD
     penalty_default: float = defaults.PENALTY_DEFAULT
     poll_first_delay: float = defaults.POLL_FIRST_DELAY
     poll_factor: float = defaults.POLL_FACTOR
@@ -229,6 +230,10 @@ ENV_HELP: dict[str, tuple[Callable[[str], Any], str]] = {
     "max_wait": (
         _parse_non_negative_float,
         "Longest sleep for a rate-limit slot; later slots reschedule",
+    ),
+    "max_ahead": (
+        _parse_non_negative_float,
+        "Furthest slot booked and held for a rescheduled job (below max_wait: max_wait)",
     ),
     "penalty_default": (_parse_positive_float, "Pause of a key after a 429 without Retry-After"),
     "poll_first_delay": (_parse_positive_float, "Seconds from create to the first poll"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 from collections.abc import Callable, Mapping
 from contextlib import closing, nullcontext
@@ -128,6 +129,8 @@ class ApiClient:
         self._timeout = (settings.connect_timeout, settings.read_timeout)
         self._base = settings.api_url.rstrip("/")
         self._payments = self._base + "/" + settings.payments_path.strip("/")
+        # A held rate-limit slot waiting for this thread's next booking (see _take_hold).
+        self._holds = threading.local()
         self.tokens = TokenCache(
             redis=redis,
             keys=keys if keys is not None else Keys(settings.key_prefix),
@@ -159,9 +162,13 @@ class ApiClient:
         redirect_url: str,
         reference_id: str | None = None,
         max_wait: float | None = None,
+        hold: float | None = None,
         before_send: Callable[[], None] | None = None,
     ) -> PaymentRequest:
         """POST a payment request for ``account`` (an alias) and return what the API made.
+
+        ``hold`` is a rate-limit slot an earlier ``SlotTooFar`` held for this job (its
+        ``hold``): the call uses it instead of booking one.
 
         ``before_send`` is called once the rate-limit slot and the token are in hand, right
         before the request goes on the wire; if it raises, nothing is sent and its exception
@@ -189,13 +196,19 @@ class ApiClient:
             parse_payment,
             json_body=body,
             max_wait=max_wait,
+            hold=hold,
             before_send=before_send,
         )
 
     def get_payment(
-        self, account: str, payment_id: str, *, max_wait: float | None = None
+        self,
+        account: str,
+        payment_id: str,
+        *,
+        max_wait: float | None = None,
+        hold: float | None = None,
     ) -> PaymentRequest:
-        """GET payment request ``payment_id`` of ``account``.
+        """GET payment request ``payment_id`` of ``account`` (``hold``: as in create_payment).
 
         A GET is idempotent: a connection the server closed without answering (typically a stale
         pooled keep-alive connection) is retried once at once, and every TransportError it
@@ -213,7 +226,7 @@ class ApiClient:
                 raise BadPayload("the answer is about another payment id")
             return payment
 
-        return self._authorized(acct, "get", "GET", url, parse, max_wait=max_wait)
+        return self._authorized(acct, "get", "GET", url, parse, max_wait=max_wait, hold=hold)
 
     # --- inside ---------------------------------------------------------------------------------
 
@@ -239,7 +252,15 @@ class ApiClient:
             form_body="grant_type=client_credentials",
             max_wait=max_wait,
             attempt=1,
+            hold=self._take_hold(),
         )
+
+    def _take_hold(self) -> float | None:
+        """The slot held for this thread's current call, once: whichever of its exchanges books
+        first (a token renewal, else the call itself) uses it; the others book their own."""
+        hold: float | None = getattr(self._holds, "slot", None)
+        self._holds.slot = None
+        return hold
 
     def _authorized(
         self,
@@ -251,9 +272,39 @@ class ApiClient:
         *,
         json_body: Mapping[str, str] | None = None,
         max_wait: float | None = None,
+        hold: float | None = None,
         before_send: Callable[[], None] | None = None,
     ) -> T:
-        """An exchange with the account's bearer token; one renewal after a 401."""
+        """An exchange with the account's bearer token; one renewal after a 401. ``hold`` is
+        used by the first exchange that books a slot (a token renewal, else the call's first
+        attempt); the others book their own."""
+        self._holds.slot = hold
+        try:
+            return self._authorized_attempts(
+                account,
+                endpoint,
+                method,
+                url,
+                parse,
+                json_body=json_body,
+                max_wait=max_wait,
+                before_send=before_send,
+            )
+        finally:
+            self._holds.slot = None
+
+    def _authorized_attempts(
+        self,
+        account: Account,
+        endpoint: str,
+        method: str,
+        url: str,
+        parse: Callable[[object], T],
+        *,
+        json_body: Mapping[str, str] | None,
+        max_wait: float | None,
+        before_send: Callable[[], None] | None,
+    ) -> T:
         renewed = False
         retried_stale = False
         attempt = 0
@@ -270,6 +321,7 @@ class ApiClient:
                     headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
                     json_body=json_body,
                     max_wait=max_wait,
+                    hold=self._take_hold(),
                     attempt=attempt,
                     before_send=before_send,
                 )
@@ -301,6 +353,7 @@ class ApiClient:
         form_body: str | None = None,
         max_wait: float | None,
         attempt: int,
+        hold: float | None = None,
         before_send: Callable[[], None] | None = None,
     ) -> T:
         """One HTTP call: limiter slot, send, bounded read, map, measure, log."""
@@ -313,7 +366,9 @@ class ApiClient:
         )
         # SlotTooFar propagates from here: nothing was sent, nothing is recorded as a call.
         try:
-            wait_for_slot = self._limiter.book(account.name, account.rate, max_wait=max_wait)
+            wait_for_slot = self._limiter.book(
+                account.name, account.rate, max_wait=max_wait, hold=hold
+            )
         except RedisError as exc:
             raise _limiter_failed(exc, account, endpoint) from exc
         waited = 0.0

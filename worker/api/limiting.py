@@ -26,13 +26,20 @@ class Limiter(Protocol):
     """A per-account limiter shared by the fleet (docs/architecture.md, "The limiter")."""
 
     def book(
-        self, account: str, rate: float, *, max_wait: float | None = None
+        self,
+        account: str,
+        rate: float,
+        *,
+        max_wait: float | None = None,
+        hold: float | None = None,
     ) -> Callable[[], GrantedSlot]:
-        """Book the account's next slot; return a function that sleeps until it and returns
-        the granted slot (the caller sends on return).
+        """Book the account's next slot, or take up ``hold`` (a slot an earlier ``SlotTooFar``
+        held for this caller); return a function that sleeps until it and returns the granted
+        slot (the caller sends on return).
 
-        Raises ``SlotTooFar`` (nothing booked) when the slot is further than ``max_wait``; the
-        returned function may raise it too (a late caller's fresh slot was too far).
+        Raises ``SlotTooFar`` when the slot is further than ``max_wait`` (its ``hold`` says
+        whether a slot was held for the caller); the returned function may raise it too (a late
+        caller's fresh slot was too far).
         """
         ...
 
@@ -49,7 +56,12 @@ class UnlimitedLimiter:
     """
 
     def book(
-        self, account: str, rate: float, *, max_wait: float | None = None
+        self,
+        account: str,
+        rate: float,
+        *,
+        max_wait: float | None = None,
+        hold: float | None = None,
     ) -> Callable[[], GrantedSlot]:
         """Grant immediately: the wait returns at once, never late."""
         return _no_wait

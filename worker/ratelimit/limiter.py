@@ -3,9 +3,12 @@
 Every process that calls the API for an account asks Redis for that account's next free slot
 (``reserve.lua``). Slots are ``1/rate + margin`` seconds apart on the Redis clock, so no sliding
 1-second window ever holds more than ``rate`` calls, whatever the number of processes or hosts.
-A slot within ``max_wait`` is booked and the caller sleeps until it; a slot further away is only
-reported (nothing booked, no capacity wasted) and the caller reschedules its job instead of
-holding a worker thread. Why evenly spaced rather than GCRA with a burst or a sliding log:
+A slot within ``max_wait`` is booked and the caller sleeps until it. A slot further away but
+within ``max_ahead`` is booked and *held*: the caller reschedules its job for just before it
+instead of holding a worker thread, and hands the hold back when the job runs, so a granted call
+costs one reservation however far its slot was. A slot beyond ``max_ahead`` is only reported
+(nothing booked): the cap on how much of a key callers that die before their slot can waste.
+Why evenly spaced rather than GCRA with a burst or a sliding log:
 docs/benchmarks.md, "Rate limiter".
 """
 
@@ -28,6 +31,7 @@ from worker.ratelimit.redis_clock import OffsetBounds, RedisClock
 
 _MICRO = 1_000_000
 LATE_REBOOKS = 1  # fresh slots a late caller may take before it gives up (SlotTooFar)
+STALE_HOLD = 1.0  # seconds past its slot after which a hold is an old one, not a late caller
 
 
 def _script_text(name: str) -> str:
@@ -39,10 +43,11 @@ class Reservation:
     """The answer of one ``reserve`` call.
 
     ``slot`` and ``now`` are seconds on the Redis clock (``TIME``); ``wait = slot - now``.
-    ``granted`` says whether the slot was booked for the caller; when it is False no capacity
-    was taken (the slot stays free for whoever asks when it is near) and ``retry_in`` says when
-    to ask again: when the slot is half of ``max_wait`` away, so that the caller comes back with
-    room to spare (others may have booked it by then: a hint, not a promise).
+    ``granted`` says whether the slot was booked for the caller, and ``held`` whether it was
+    booked ahead (further than ``max_wait``): the caller should come back ``retry_in`` seconds
+    from now, half of ``max_wait`` before the slot, and use it then. When ``granted`` is False no
+    capacity was taken and ``retry_in`` says when to ask again: when the slot is half of
+    ``max_ahead`` away (others may have booked it by then: a hint, not a promise).
 
     ``asked_at`` and ``answered_at`` are the caller's clock (``time.monotonic()``) just before
     the call was sent and just after its answer was read: Redis read ``now`` in between. The
@@ -58,6 +63,7 @@ class Reservation:
     retry_in: float
     asked_at: float
     answered_at: float
+    held: bool = False
 
 
 class RateLimiter:
@@ -65,9 +71,11 @@ class RateLimiter:
 
     ``margin`` (seconds) is added to each slot interval to absorb the jitter between a slot's
     time and the moment the API sees the call; ``max_wait`` (seconds) is how long ``acquire``
-    sleeps at most, and thereby how far ahead a key can be booked; ``penalty_default`` is the
-    pause after a 429 without Retry-After, and ``penalty_max`` caps any pause. ``sleep`` (a
-    duration in seconds) and ``clock`` (monotonic seconds) are injectable for tests.
+    sleeps at most; ``max_ahead`` (seconds, at least ``max_wait``) is how far ahead a slot is
+    still booked and held for a caller who comes back for it, and thereby how far ahead a key
+    can be booked; ``penalty_default`` is the pause after a 429 without Retry-After, and
+    ``penalty_max`` caps any pause. ``sleep`` (a duration in seconds) and ``clock`` (monotonic
+    seconds) are injectable for tests.
     """
 
     def __init__(
@@ -77,17 +85,19 @@ class RateLimiter:
         keys: Keys,
         margin: float = defaults.RATE_MARGIN,
         max_wait: float = defaults.MAX_WAIT,
+        max_ahead: float = defaults.MAX_AHEAD,
         penalty_default: float = defaults.PENALTY_DEFAULT,
         penalty_max: float = defaults.PENALTY_MAX,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if margin < 0 or max_wait < 0 or penalty_default < 0 or penalty_max < 0:
-            raise ValueError("margin, max_wait and penalties must be >= 0 seconds")
+        if min(margin, max_wait, max_ahead, penalty_default, penalty_max) < 0:
+            raise ValueError("margin, max_wait, max_ahead and penalties must be >= 0 seconds")
         self.redis = redis
         self.keys = keys
         self.margin = margin
         self.max_wait = max_wait
+        self.max_ahead = max_ahead
         self.penalty_default = penalty_default
         self.penalty_max = penalty_max
         self._sleep = sleep
@@ -112,33 +122,79 @@ class RateLimiter:
         calls = math.floor(rate) if rate >= 1 else rate
         return 1.0 / calls + self.margin
 
-    def reserve(self, account: str, rate: float, max_wait: float) -> Reservation:
-        """Book ``account``'s next free slot if it is at most ``max_wait`` seconds away.
+    def reserve(
+        self, account: str, rate: float, max_wait: float, max_ahead: float | None = None
+    ) -> Reservation:
+        """Book ``account``'s next free slot if it is at most ``max_ahead`` seconds away
+        (default: the limiter's; never less than ``max_wait``).
 
-        One EVALSHA, no sleeping. The returned reservation says when the slot is (Redis clock)
-        and whether it was booked; a slot further than ``max_wait`` is not booked.
+        One EVALSHA, no sleeping. The returned reservation says when the slot is (Redis clock),
+        whether it was booked, and whether it is held (booked, but further than ``max_wait``);
+        a slot further than ``max_ahead`` is not booked.
         """
         if max_wait < 0:
             raise ValueError(f"max_wait must be >= 0, got {max_wait!r}")
+        ahead = max(self.max_ahead if max_ahead is None else max_ahead, max_wait)
         # Rounded up: an interval one microsecond too long costs nothing, one too short could
         # put rate + 1 calls in a window.
         interval_us = math.ceil(self.interval(rate) * _MICRO)
         asked_at = self._clock()
         raw: Any = self._reserve(
-            keys=[self.keys.limiter(account)], args=[interval_us, int(max_wait * _MICRO)]
+            keys=[self.keys.limiter(account)],
+            args=[interval_us, int(max_wait * _MICRO), int(ahead * _MICRO)],
         )
         answered_at = self._clock()
         slot_us, now_us, granted = (int(x) for x in raw)
         self.redis_clock.observe(asked_at, answered_at, now_us / _MICRO)
+        wait = (slot_us - now_us) / _MICRO
+        if granted == 1:
+            retry_in = 0.0
+        elif granted == 2:  # held: come back with half of max_wait to spare
+            retry_in = max(0.0, wait - max_wait / 2)
+        else:
+            retry_in = max(0.0, wait - ahead / 2)
         return Reservation(
             account=account,
             slot=slot_us / _MICRO,
             now=now_us / _MICRO,
-            wait=(slot_us - now_us) / _MICRO,
-            granted=bool(granted),
-            retry_in=0.0 if granted else max(0.0, (slot_us - now_us) / _MICRO - max_wait / 2),
+            wait=wait,
+            granted=granted != 0,
+            retry_in=retry_in,
             asked_at=asked_at,
             answered_at=answered_at,
+            held=granted == 2,
+        )
+
+    def held(self, account: str, slot: float) -> Reservation | None:
+        """The reservation of a slot booked earlier and held (``SlotTooFar.hold``), placed by
+        this process's clock model; None when the hold is stale (more than ``STALE_HOLD``
+        seconds past: an old run's, not a late caller's).
+
+        No command, except one ``TIME`` probe in a process that has no clock model yet. The
+        reservation carries the model's bounds as its own round trip.
+        """
+        now = self._clock()
+        bounds = self.redis_clock.bounds(now)
+        if bounds is None:
+            self.probe_clock()
+            now = self._clock()
+            bounds = self.redis_clock.bounds(now)
+            assert bounds is not None  # a probe always leaves a model
+        # A round trip equivalent to the model: Redis read `now + low` while the caller's
+        # clock went from `now - (high - low)` to `now`.
+        redis_now = now + bounds.low
+        if redis_now - slot > STALE_HOLD:
+            return None
+        return Reservation(
+            account=account,
+            slot=slot,
+            now=redis_now,
+            wait=slot - redis_now,
+            granted=True,
+            retry_in=0.0,
+            asked_at=now - (bounds.high - bounds.low),
+            answered_at=now,
+            held=True,
         )
 
     def _offset(self, booking: Reservation, now: float) -> OffsetBounds:
@@ -189,9 +245,12 @@ class RateLimiter:
     def book_slot(self, account: str, rate: float, max_wait: float) -> Reservation:
         """Book ``account``'s next slot within ``max_wait`` and return it, without sleeping.
 
-        Raises ``SlotTooFar`` (nothing booked) when the slot is further.
+        Raises ``SlotTooFar`` when the slot is further: with ``hold`` set when it was booked
+        and held for the caller (within ``max_ahead``), without when nothing was booked.
         """
         booking = self.reserve(account, rate, max_wait)
+        if booking.held:
+            raise SlotTooFar(account, booking.retry_in, hold=booking.slot)
         if not booking.granted:
             raise SlotTooFar(account, booking.retry_in)
         return booking
@@ -262,25 +321,36 @@ class RateLimiter:
         return self.use_slot(self.book_slot(account, rate, max_wait), rate, max_wait)
 
     def book(
-        self, account: str, rate: float, *, max_wait: float | None = None
+        self,
+        account: str,
+        rate: float,
+        *,
+        max_wait: float | None = None,
+        hold: float | None = None,
     ) -> Callable[[], Granted]:
-        """Book ``account``'s next slot now; return the function that waits for it.
+        """Book ``account``'s next slot now (or take up the slot ``hold`` that an earlier
+        ``SlotTooFar`` held for this caller); return the function that waits for it.
 
-        When the slot is at most ``max_wait`` seconds away (default: the limiter's) it is
-        booked, and calling the returned function sleeps until it (``use_slot``) and returns
-        it as ``Granted`` (``waited``: the seconds since this booking was asked): the caller
-        may send on return. Otherwise nothing is booked and ``SlotTooFar(account, retry_in)``
-        is raised (by this call, or by the wait when the caller was late for its slot and its
-        fresh one): the job should be rescheduled for ``retry_in`` seconds from now rather
-        than hold a thread.
+        When the slot is at most ``max_wait`` seconds away (default: the limiter's), calling
+        the returned function sleeps until it (``use_slot``) and returns it as ``Granted``
+        (``waited``: the seconds since this call): the caller may send on return. Otherwise
+        ``SlotTooFar(account, retry_in, hold)`` is raised (by this call, or by the wait when
+        the caller was late for its slot and its fresh one): the job should be rescheduled for
+        ``retry_in`` seconds from now rather than hold a thread, and pass ``hold`` back here
+        when it runs again. A hold costs no reservation; a stale one (an old run's) is ignored
+        and a slot booked as usual.
 
         Two steps so that the client can make its connection in between: a connect after
         the slot would make the call late (worker/api/send_gate.py).
         """
         wait = self.max_wait if max_wait is None else max_wait
         started = self._clock()
+        booking = None if hold is None else self.held(account, hold)
         try:
-            booking = self.book_slot(account, rate, wait)
+            if booking is None:
+                booking = self.book_slot(account, rate, wait)
+            elif booking.wait > wait:  # back too early for its hold: come back again
+                raise SlotTooFar(account, booking.wait - wait / 2, hold=hold)
         except SlotTooFar:
             metrics.record_far_slot(account)
             raise
@@ -297,10 +367,17 @@ class RateLimiter:
 
         return wait_for_it
 
-    def acquire(self, account: str, rate: float, *, max_wait: float | None = None) -> float:
+    def acquire(
+        self,
+        account: str,
+        rate: float,
+        *,
+        max_wait: float | None = None,
+        hold: float | None = None,
+    ) -> float:
         """Book ``account``'s next slot and wait for it (``book`` and its wait in one call);
         return the seconds spent. Raises ``SlotTooFar`` when the slot is too far."""
-        return self.book(account, rate, max_wait=max_wait)().waited
+        return self.book(account, rate, max_wait=max_wait, hold=hold)().waited
 
     def penalize(self, account: str, retry_after: float | None) -> float:
         """After a 429, pause ``account`` for every process; return the pause applied (seconds).
@@ -308,7 +385,7 @@ class RateLimiter:
         The key's next free slot becomes at least now + ``retry_after`` (the server's
         Retry-After, or ``penalty_default`` when it sent none), capped at ``penalty_max`` so that
         a broken header cannot stall the key. Slots booked before the penalty (at most
-        ``rate * max_wait`` of them, already being slept on) are not revoked.
+        ``rate * max_ahead`` of them, being slept on or held) are not revoked.
         """
         pause = self.penalty_default if retry_after is None else retry_after
         if not math.isfinite(pause):

@@ -9,13 +9,20 @@
 --          The script sets a TTL that ends when that slot is in the past, where absence and the
 --          stored value mean the same thing.
 -- ARGV[1]  interval between two slots, integer microseconds, > 0
--- ARGV[2]  max wait, integer microseconds, >= 0: a slot further than this from now is NOT booked
+-- ARGV[2]  max wait, integer microseconds, >= 0: a slot at most this far from now is booked for
+--          a caller who sleeps until it
+-- ARGV[3]  max ahead, integer microseconds, >= max wait: a slot further than max wait but at
+--          most this far is booked and held for a caller who comes back for it (an actor
+--          reschedules its job); a slot further than this is NOT booked. This caps how much of
+--          a key's capacity callers that die before their slot can waste.
 --
 -- Returns  {slot, now, granted}
 --          slot     the key's next free slot (microseconds, Redis clock)
 --          now      Redis TIME when the script ran (microseconds)
 --          granted  1: the slot is booked for the caller, who may start at `slot`;
---                   0: the slot is more than max wait away and nothing was written.
+--                   2: the slot is booked and held: more than max wait but at most max ahead
+--                      away;
+--                   0: the slot is more than max ahead away and nothing was written.
 --
 -- Numbers are written with string.format('%.0f'): Lua 5.1's tostring keeps 14 significant
 -- digits, and microsecond timestamps have 16.
@@ -24,17 +31,22 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local max_wait = tonumber(ARGV[2])
+local max_ahead = tonumber(ARGV[3])
 
 local slot = tonumber(redis.call('GET', KEYS[1]) or '0')
 if slot < now then
     slot = now
 end
 
+local granted = 1
 if slot - now > max_wait then
-    return {slot, now, 0}
+    if slot - now > max_ahead then
+        return {slot, now, 0}
+    end
+    granted = 2
 end
 
 local next_free = slot + interval
 local ttl_ms = math.floor((next_free - now) / 1000) + 1
 redis.call('SET', KEYS[1], string.format('%.0f', next_free), 'PX', string.format('%.0f', ttl_ms))
-return {slot, now, 1}
+return {slot, now, granted}

@@ -62,7 +62,7 @@ def run_create(rt: Runtime, account: str, reference_id: str) -> str:
             next_step="create",
             delay=settings.connect_timeout + settings.read_timeout + SENT_GRACE,
             guard=("phase", ""),
-            fields={"phase": "sent", "sent_at": NOW},
+            fields={"phase": "sent", "sent_at": NOW, "slot_hold": ""},
             increments={"attempts": 1},
         )
         if not moved.moved:
@@ -78,12 +78,13 @@ def run_create(rt: Runtime, account: str, reference_id: str) -> str:
             redirect_url=rec.redirect_url,
             reference_id=reference_id,
             max_wait=settings.max_wait,
+            hold=rec.slot_hold,
             before_send=mark_sent,
         )
     except _LostRace:
         return "duplicate_delivery"
     except SlotTooFar as exc:
-        reschedule(rt, rec, state, "create", exc.retry_in, guard=("phase", ""))
+        reschedule(rt, rec, state, "create", exc.retry_in, guard=("phase", ""), hold=exc.hold)
         return "far_slot"
     except SlotMissed as exc:
         # Marked, then too late for the slot: nothing was sent. Undo the mark and the attempt

@@ -78,8 +78,14 @@ def reschedule(
     guard: tuple[str, str] | None = None,
     fields: dict[str, str | int | float] | None = None,
     increments: dict[str, int] | None = None,
+    hold: float | None = None,
 ) -> Transition:
-    """Keep the payment in ``state`` and make its next ``step`` due ``delay`` seconds from now."""
+    """Keep the payment in ``state`` and make its next ``step`` due ``delay`` seconds from now.
+
+    ``hold`` is the rate-limit slot held for that step (``SlotTooFar.hold``); any hold the
+    record had is dropped otherwise (a hold is for the run right after the reschedule).
+    """
+    fields = {**(fields or {}), "slot_hold": "" if hold is None else repr(hold)}
     return persist(
         lambda: rt.store.transition(
             rec.account,

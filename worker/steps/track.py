@@ -38,9 +38,11 @@ def run_track(rt: Runtime, account: str, reference_id: str) -> str:
             f"not terminal {rt.settings.tracking_timeout:g}s after create",
         )
     try:
-        payment = rt.client.get_payment(account, rec.payment_id, max_wait=rt.settings.max_wait)
+        payment = rt.client.get_payment(
+            account, rec.payment_id, max_wait=rt.settings.max_wait, hold=rec.slot_hold
+        )
     except SlotTooFar as exc:
-        reschedule(rt, rec, State.PENDING, "track", exc.retry_in)
+        reschedule(rt, rec, State.PENDING, "track", exc.retry_in, hold=exc.hold)
         return "far_slot"
     except NotFound as exc:
         return _end_track(rt, rec, State.FAILED, describe(exc))
@@ -97,7 +99,7 @@ def run_track(rt: Runtime, account: str, reference_id: str) -> str:
             sources=[State.PENDING],
             next_step="track",
             delay=delay,
-            fields={"api_status": status, "errors": 0, "last_error": ""},
+            fields={"api_status": status, "errors": 0, "last_error": "", "slot_hold": ""},
             increments={"polls": 1},
         )
     )

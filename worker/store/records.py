@@ -46,6 +46,9 @@ class PaymentRecord:
     last_error: str = ""
     phase: str = ""
     sent_at: float | None = None
+    # A rate-limit slot held for the payment's next step (Redis clock), set when its step was
+    # rescheduled for a far slot: the step hands it back to the limiter instead of booking one.
+    slot_hold: float | None = None
 
     @classmethod
     def from_hash(cls, raw: Mapping[bytes | str, bytes | str]) -> PaymentRecord:
@@ -75,6 +78,7 @@ class PaymentRecord:
             last_error=data.get("last_error", ""),
             phase=data.get("phase", ""),
             sent_at=_float(data.get("sent_at")),
+            slot_hold=_float(data.get("slot_hold")),
         )
 
     def to_json(self) -> dict[str, Any]:
