@@ -43,7 +43,8 @@ def call_for(
 
     A granted call to the sandbox is a token request (rate limited like every route), with
     ``account`` as client_id. A caller told SlotTooFar sleeps ``retry_in`` and comes back with
-    the slot held for it (if one was), as a rescheduled job would. A 429 penalizes the key, as the API client does.
+    the slot held for it (if one was), as a rescheduled job would. A 429 penalizes the key, as
+    the API client does.
     """
     client = redis.Redis.from_url(redis_url)
     limiter = RateLimiter(redis=client, keys=Keys(prefix), margin=MARGIN)
