@@ -31,10 +31,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import Any
 
 from redis import Redis, RedisError
 
 from worker import defaults
+from worker.api.models import BadPayload
 from worker.errors import NotSent
 from worker.keys import Keys
 from worker.settings import Account
@@ -232,3 +234,30 @@ class TokenCache:
             self._keys.token(account.name), issued.access_token, px=max(1, int(ttl * 1000))
         )
         return self._remember(account.name, issued.access_token, ttl)
+
+
+#: Lifetime assumed for a token whose answer omits expires_in (the contract always sends it);
+#: a 401 renews it earlier if the server thinks otherwise.
+DEFAULT_EXPIRES_IN = 300.0
+
+
+def parse_token(data: object) -> IssuedToken:
+    """The token endpoint's JSON: access_token, token_type bearer (any case), expires_in."""
+    if not isinstance(data, dict):
+        raise BadPayload(f"expected a JSON object, got {type(data).__name__}")
+    token = data.get("access_token")
+    if not isinstance(token, str) or not token:
+        raise BadPayload("field 'access_token' must be a non-empty string")
+    token_type = data.get("token_type", "bearer")
+    # The provider's pages show both "bearer" and "Bearer" (api-contract.md).
+    if not isinstance(token_type, str) or token_type.lower() != "bearer":
+        raise BadPayload("field 'token_type' must be 'bearer'")
+    expires_in: Any = data.get("expires_in", DEFAULT_EXPIRES_IN)
+    if isinstance(expires_in, str):
+        try:
+            expires_in = float(expires_in)
+        except ValueError:
+            raise BadPayload("field 'expires_in' must be a number") from None
+    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or expires_in <= 0:
+        raise BadPayload("field 'expires_in' must be a positive number")
+    return IssuedToken(access_token=token, expires_in=float(expires_in))

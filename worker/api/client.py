@@ -14,23 +14,27 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from contextlib import closing, nullcontext
-from typing import Any, TypeVar
+from typing import TypeVar
 from urllib.parse import quote
 
 import requests
 import structlog
 from redis import Redis, RedisError
 
-from worker import metrics
-from worker.api.auth import IssuedToken, TokenCache
+from worker.api.auth import IssuedToken, TokenCache, parse_token
+from worker.api.call_log import record_call
 from worker.api.limiting import Limiter, UnlimitedLimiter
 from worker.api.models import BadPayload, PaymentRequest, parse_payment
 from worker.api.responses import error_for_status, malformed
 from worker.api.send_gate import GateRefused, plan_send, send_gate
-from worker.api.transport import is_connection_aborted, process_session, transport_error
+from worker.api.transport import (
+    is_connection_aborted,
+    process_session,
+    read_body,
+    transport_error,
+)
 from worker.errors import (
     ApiError,
-    MalformedResponse,
     NotSent,
     RateLimited,
     SlotMissed,
@@ -46,46 +50,9 @@ T = TypeVar("T")
 
 #: Largest answer body read: a PaymentRequest is a few hundred bytes; more is not our API.
 MAX_BODY = 1_048_576
-#: Lifetime assumed for a token whose answer omits expires_in (the contract always sends it);
-#: a 401 renews it earlier if the server thinks otherwise.
-DEFAULT_EXPIRES_IN = 300.0
 TOKEN_PATH = "/oauth/token"  # noqa: S105  (a path, not a password)
 
 log = structlog.get_logger("worker.api")
-
-
-def _parse_token(data: object) -> IssuedToken:
-    """The token endpoint's JSON: access_token, token_type bearer (any case), expires_in."""
-    if not isinstance(data, dict):
-        raise BadPayload(f"expected a JSON object, got {type(data).__name__}")
-    token = data.get("access_token")
-    if not isinstance(token, str) or not token:
-        raise BadPayload("field 'access_token' must be a non-empty string")
-    token_type = data.get("token_type", "bearer")
-    # The provider's pages show both "bearer" and "Bearer" (api-contract.md).
-    if not isinstance(token_type, str) or token_type.lower() != "bearer":
-        raise BadPayload("field 'token_type' must be 'bearer'")
-    expires_in: Any = data.get("expires_in", DEFAULT_EXPIRES_IN)
-    if isinstance(expires_in, str):
-        try:
-            expires_in = float(expires_in)
-        except ValueError:
-            raise BadPayload("field 'expires_in' must be a number") from None
-    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or expires_in <= 0:
-        raise BadPayload("field 'expires_in' must be a positive number")
-    return IssuedToken(access_token=token, expires_in=float(expires_in))
-
-
-def _read_body(response: requests.Response, limit: int) -> bytes | None:
-    """The whole body, or None when it is longer than ``limit`` bytes (not read further)."""
-    chunks: list[bytes] = []
-    size = 0
-    for chunk in response.iter_content(chunk_size=65_536):
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _limiter_failed(exc: RedisError, account: Account, endpoint: str) -> NotSent:
@@ -95,15 +62,6 @@ def _limiter_failed(exc: RedisError, account: Account, endpoint: str) -> NotSent
         account=account.name,
         endpoint=endpoint,
     )
-
-
-def _outcome(status: int | None, error: ApiError | None) -> str:
-    """The metric/log label of an exchange: the status code, or the error class."""
-    if error is None:
-        return str(status)
-    if isinstance(error, MalformedResponse):
-        return "MalformedResponse"  # one label for both the create and the plain kind
-    return error.outcome
 
 
 class ApiClient:
@@ -247,7 +205,7 @@ class ApiClient:
             "token",
             "POST",
             self._base + TOKEN_PATH,
-            _parse_token,
+            parse_token,
             headers=headers,
             form_body="grant_type=client_credentials",
             max_wait=max_wait,
@@ -417,7 +375,7 @@ class ApiClient:
                     log.error("api.send_gate_bypassed", account=account.name, endpoint=endpoint)
                 with closing(response):
                     status = response.status_code
-                    body = _read_body(response, MAX_BODY)
+                    body = read_body(response, MAX_BODY)
                     response_headers = response.headers
             except GateRefused as exc:
                 # Nothing was written: not an API call. The reason (SlotTooFar, NotSent, the
@@ -467,40 +425,4 @@ class ApiClient:
             raise
         finally:
             if refused is None:
-                self._record_call(
-                    account, endpoint, method, status, error, started, waited, attempt
-                )
-
-    def _record_call(
-        self,
-        account: Account,
-        endpoint: str,
-        method: str,
-        status: int | None,
-        error: ApiError | None,
-        started: float,
-        waited: float,
-        attempt: int,
-    ) -> None:
-        """Count, time and log one call that was sent (or whose sending failed)."""
-        seconds = time.perf_counter() - started
-        outcome = _outcome(status, error)
-        metrics.record_api_call(account.name, endpoint, outcome, seconds)
-        fields: dict[str, Any] = {
-            "account": account.name,
-            "endpoint": endpoint,
-            "method": method,
-            "status": status,
-            "outcome": outcome,
-            "latency_ms": round(seconds * 1000, 1),
-            "limiter_wait_ms": round(waited * 1000, 1),
-            "attempt": attempt,
-        }
-        if error is None:
-            log.info("api.request", **fields)
-        else:
-            fields["error"] = type(error).__name__
-            fields["reason"] = error.message
-            if error.retry_after is not None:
-                fields["retry_after"] = error.retry_after
-            log.warning("api.request", **fields)
+                record_call(account.name, endpoint, method, status, error, started, waited, attempt)

@@ -161,3 +161,15 @@ def transport_error(
         account=account,
         endpoint=endpoint,
     )
+
+
+def read_body(response: requests.Response, limit: int) -> bytes | None:
+    """The whole body, or None when it is longer than ``limit`` bytes (not read further)."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_content(chunk_size=65_536):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
