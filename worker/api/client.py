@@ -12,8 +12,8 @@ import base64
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping
-from contextlib import closing, nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import closing, contextmanager, nullcontext
 from typing import TypeVar
 from urllib.parse import quote
 
@@ -236,67 +236,50 @@ class ApiClient:
         """An exchange with the account's bearer token; one renewal after a 401. ``hold`` is
         used by the first exchange that books a slot (a token renewal, else the call's first
         attempt); the others book their own."""
+        with self._holding(hold):
+            renewed = False
+            retried_stale = False
+            attempt = 0
+            while True:
+                attempt += 1
+                token = self.tokens.get(account, max_wait=max_wait)
+                try:
+                    return self._exchange(
+                        account,
+                        endpoint,
+                        method,
+                        url,
+                        parse,
+                        headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+                        json_body=json_body,
+                        max_wait=max_wait,
+                        hold=self._take_hold(),
+                        attempt=attempt,
+                        before_send=before_send,
+                    )
+                except Unauthorized as exc:
+                    if exc.status != 401 or renewed:
+                        raise
+                    # Expired or revoked before its TTL: forget it (if nobody replaced it yet) and
+                    # try once more with a fresh one; a second 401 is raised.
+                    renewed = True
+                    self.tokens.invalidate(account.name, token)
+                except TransportError as exc:
+                    if method != "GET":
+                        raise
+                    exc.retry_safe = True  # a GET has no effect to repeat
+                    if retried_stale or not is_connection_aborted(exc):
+                        raise
+                    retried_stale = True
+
+    @contextmanager
+    def _holding(self, hold: float | None) -> Iterator[None]:
+        """Offer ``hold`` to this thread's next booking while a call runs (``_take_hold``)."""
         self._holds.slot = hold
         try:
-            return self._authorized_attempts(
-                account,
-                endpoint,
-                method,
-                url,
-                parse,
-                json_body=json_body,
-                max_wait=max_wait,
-                before_send=before_send,
-            )
+            yield
         finally:
             self._holds.slot = None
-
-    def _authorized_attempts(
-        self,
-        account: Account,
-        endpoint: str,
-        method: str,
-        url: str,
-        parse: Callable[[object], T],
-        *,
-        json_body: Mapping[str, str] | None,
-        max_wait: float | None,
-        before_send: Callable[[], None] | None,
-    ) -> T:
-        renewed = False
-        retried_stale = False
-        attempt = 0
-        while True:
-            attempt += 1
-            token = self.tokens.get(account, max_wait=max_wait)
-            try:
-                return self._exchange(
-                    account,
-                    endpoint,
-                    method,
-                    url,
-                    parse,
-                    headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
-                    json_body=json_body,
-                    max_wait=max_wait,
-                    hold=self._take_hold(),
-                    attempt=attempt,
-                    before_send=before_send,
-                )
-            except Unauthorized as exc:
-                if exc.status != 401 or renewed:
-                    raise
-                # Expired or revoked before its TTL: forget it (if nobody replaced it yet) and
-                # try once more with a fresh one; a second 401 is raised.
-                renewed = True
-                self.tokens.invalidate(account.name, token)
-            except TransportError as exc:
-                if method != "GET":
-                    raise
-                exc.retry_safe = True  # a GET has no effect to repeat
-                if retried_stale or not is_connection_aborted(exc):
-                    raise
-                retried_stale = True
 
     def _exchange(
         self,
