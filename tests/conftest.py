@@ -1,17 +1,41 @@
-"""Shared fixtures: a real Redis (private when possible) and a unique key prefix per test."""
+"""Shared fixtures: a real Redis (private when possible) and a unique key prefix per test; a
+time limit on every teardown."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import pytest
 import redis
 
 from tests.redis_server import HOW_TO_GET_REDIS, RedisServer
 from worker.keys import Keys
+
+#: Seconds a test's teardown may take before the run ends with every thread's stack.
+TEARDOWN_LIMIT = float(os.environ.get("PAYPOLL_TEST_TEARDOWN_LIMIT", "60"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
+    """Give every teardown a time limit of its own.
+
+    pytest-timeout and pytest's faulthandler_timeout both stop counting as soon as a test fails
+    (their pytest_exception_interact hooks cancel them), so a teardown that hangs after a
+    failure (a server thread stuck in a system call) had no limit at all and held CI until its
+    own. faulthandler's watchdog is a C thread: it fires however the main thread is stuck.
+    """
+    from _pytest.faulthandler import fault_handler_stderr_fd_key  # the uncaptured stderr
+
+    stderr = item.config.stash.get(fault_handler_stderr_fd_key, 2)
+    faulthandler.dump_traceback_later(TEARDOWN_LIMIT, exit=True, file=stderr)
+    try:
+        return (yield)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,11 @@ def _start(api_calls: int, terminal: int, *, crash: bool) -> tuple[Any, Any]:
         target=_record, args=(api_calls, terminal, started, release, crash), daemon=True
     )
     process.start()
-    assert started.wait(30), f"child pid {process.pid} did not start recording in 30 s"
+    if not started.wait(30):
+        raise AssertionError(
+            f"child pid {process.pid} did not start recording in 30 s "
+            f"(alive: {process.is_alive()}, exit code: {process.exitcode})"
+        )
     return process, release
 
 
@@ -191,3 +196,27 @@ def _try_start(directory: Path, port: int) -> Exporter | None:
         return start_exporter(host="127.0.0.1", port=port, multiprocess_dir=directory)
     except ConfigError:
         return None
+
+
+def test_a_connection_gone_before_accept_does_not_hold_the_serving_loop(tmp_path: Path) -> None:
+    """select() says a connection waits, but it is gone when the loop accepts (here another
+    acceptor takes it first): the loop must not block in accept(), and stop() must end it."""
+    exporter = start_exporter(host="127.0.0.1", port=0, multiprocess_dir=tmp_path)
+    listener = exporter._server.socket
+    stolen = 0
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", exporter.port), timeout=5):
+            try:
+                taken, _ = listener.accept()  # before the serving loop gets to it
+            except BlockingIOError:
+                continue  # the loop was first this time
+            taken.close()
+            stolen += 1
+    assert stolen, "the test never got a connection before the serving loop"
+    # The loop still serves...
+    assert "# HELP" not in scrape(exporter.url)
+    # ... and stops: no accept() left waiting for a client that will never come.
+    started = time.monotonic()
+    exporter.stop()
+    assert time.monotonic() - started < 3
+    assert not exporter._thread.is_alive()

@@ -100,11 +100,16 @@ class Exporter:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/metrics"
 
-    def stop(self) -> None:
-        """Stop serving and release the port; waits for the serving thread."""
-        self._server.shutdown()
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop serving and release the port, waiting at most ``timeout`` seconds for the
+        serving loop (it notices the request within its 0.5 s poll interval)."""
+        # BaseServer.shutdown() waits without a limit for serve_forever to return; a loop stuck
+        # in a system call would make a fleet's shutdown hang, so wait for it from a helper.
+        stopper = threading.Thread(target=self._server.shutdown, daemon=True)
+        stopper.start()
+        stopper.join(timeout)
         self._server.server_close()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=1)
 
 
 def start_exporter(
@@ -136,5 +141,10 @@ def start_exporter(
             f"cannot serve metrics on {where}: {reason}; set {env_name('metrics_port')} "
             f"(or {env_name('metrics_host')}) to a free address"
         ) from None
+    # Never block in accept(): the serving loop calls it only when select() said a connection
+    # was waiting, but one can be gone by then, and a blocking accept() would hold the loop
+    # (and shutdown(), which waits for it) until some other client connects. Non-blocking, it
+    # raises BlockingIOError, which socketserver treats as "nothing to accept".
+    server.socket.setblocking(False)
     bound_port = int(server.server_address[1])
     return Exporter(host=host, port=bound_port, registry=registry, _server=server, _thread=thread)
