@@ -17,21 +17,43 @@ from worker.keys import Keys
 
 #: Seconds a test's teardown may take before the run ends with every thread's stack.
 TEARDOWN_LIMIT = float(os.environ.get("PAYPOLL_TEST_TEARDOWN_LIMIT", "60"))
+#: Seconds a test may outlive its pytest-timeout limit before the run ends the same way.
+GRACE = 30.0
+
+
+def _uncaptured_stderr(item: pytest.Item) -> int:
+    from _pytest.faulthandler import fault_handler_stderr_fd_key  # pytest's dup of stderr
+
+    return item.config.stash.get(fault_handler_stderr_fd_key, 2)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    """End the run, with every thread's stack, if a test outlives its pytest-timeout limit by
+    ``GRACE``: its SIGALRM can land in another thread while the main one waits on a lock, and
+    then nothing interrupts it. faulthandler's watchdog is a C thread: it fires however the
+    main thread is stuck. (pytest's own faulthandler_timeout ignores per-test limits.)"""
+    marker = item.get_closest_marker("timeout")
+    limit = marker.args[0] if marker and marker.args else item.config.getini("timeout")
+    faulthandler.dump_traceback_later(
+        float(limit) + GRACE, exit=True, file=_uncaptured_stderr(item)
+    )
+    try:
+        return (yield)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
     """Give every teardown a time limit of its own.
 
-    pytest-timeout and pytest's faulthandler_timeout both stop counting as soon as a test fails
-    (their pytest_exception_interact hooks cancel them), so a teardown that hangs after a
-    failure (a server thread stuck in a system call) had no limit at all and held CI until its
-    own. faulthandler's watchdog is a C thread: it fires however the main thread is stuck.
+    pytest-timeout (and pytest's faulthandler plugin) stop counting as soon as a test fails
+    (their pytest_exception_interact hooks cancel them, ours too), so a teardown that hangs
+    after a failure (a server thread stuck in a system call) had no limit at all and held CI
+    until its own.
     """
-    from _pytest.faulthandler import fault_handler_stderr_fd_key  # the uncaptured stderr
-
-    stderr = item.config.stash.get(fault_handler_stderr_fd_key, 2)
-    faulthandler.dump_traceback_later(TEARDOWN_LIMIT, exit=True, file=stderr)
+    faulthandler.dump_traceback_later(TEARDOWN_LIMIT, exit=True, file=_uncaptured_stderr(item))
     try:
         return (yield)
     finally:
