@@ -122,9 +122,16 @@ def main() -> int:
     parser.add_argument("--time-limit", type=float, default=480.0)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "reliability.md")
     parser.add_argument("--keep", type=Path, help="keep logs and stats in this directory")
+    parser.add_argument(
+        "--max-ahead", type=float, help="PAYPOLL_MAX_AHEAD of the fleets (1: no held slots)"
+    )
     args = parser.parse_args()
     config = ChaosConfig(
-        payments=args.payments, seed=args.seed, time_limit=args.time_limit, workdir=args.keep
+        payments=args.payments,
+        seed=args.seed,
+        time_limit=args.time_limit,
+        workdir=args.keep,
+        max_ahead=args.max_ahead,
     )
     started = time.monotonic()
     report = run_chaos(config, progress=lambda text: print(text, file=sys.stderr, flush=True))

@@ -22,6 +22,7 @@ are public for other tests.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -251,6 +252,7 @@ class ChaosConfig:
     token_ttl: float = 4.0
     pay_after: str = "0.5:4"
     rate_margin: float | None = None  # PAYPOLL_RATE_MARGIN; None: paypoll's default
+    max_ahead: float | None = None  # PAYPOLL_MAX_AHEAD; None: paypoll's default
     tracking_timeout: float = 900.0  # far beyond the run: no tracking_timeout expected
     seed: int = 7
     time_limit: float = 110.0  # seconds for every payment to become final
@@ -382,6 +384,8 @@ def run_chaos(config: ChaosConfig, *, progress: Callable[[str], None] | None = N
         )
         if config.rate_margin is not None:
             env["PAYPOLL_RATE_MARGIN"] = str(config.rate_margin)
+        if config.max_ahead is not None:
+            env["PAYPOLL_MAX_AHEAD"] = str(config.max_ahead)
         keys = Keys(prefix)
         settings = load_settings(env)
         watcher = TokenWatcher(server.url, keys, [a.name for a in accounts])
@@ -712,6 +716,7 @@ def _judge(
     report.figures["429_diagnosis"] = _diagnose_429s(stats, by_client)
     sent = {by_client.get(c, c): s["max_requests_in_1s"] for c, s in stats["clients"].items()}
     report.figures["max_sent_in_1s_incl_refused"] = sent
+    report.figures["arrival_gap_ms"] = _arrival_gaps(stats, config)
     worst = max(window.values(), default=0)
     report.check(
         "largest per-key count in any 1 s window",
@@ -748,6 +753,25 @@ def _judge(
         "token_ttl_s": config.token_ttl,
         "limit_mode": "sliding",
         "rate": config.rate,
+    }
+
+
+def _arrival_gaps(stats: dict[str, Any], config: ChaosConfig) -> dict[str, float | None]:
+    """Gaps between two accepted requests of one key at the sandbox (ms): smallest, 1st
+    percentile and median over every key, next to the limiter's slot interval."""
+    from worker import defaults
+
+    gaps = sorted(
+        (b - a) * 1000
+        for data in stats["clients"].values()
+        for a, b in itertools.pairwise(sorted(data.get("accepted_times", [])))
+    )
+    margin = defaults.RATE_MARGIN if config.rate_margin is None else config.rate_margin
+    return {
+        "min": round(gaps[0], 1) if gaps else None,
+        "p1": round(gaps[len(gaps) // 100], 1) if gaps else None,
+        "p50": round(gaps[len(gaps) // 2], 1) if gaps else None,
+        "slot_interval": round((1 / config.rate + margin) * 1000, 1),
     }
 
 
