@@ -34,7 +34,9 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object
     then nothing interrupts it. faulthandler's watchdog is a C thread: it fires however the
     main thread is stuck. (pytest's own faulthandler_timeout ignores per-test limits.)"""
     marker = item.get_closest_marker("timeout")
-    limit = marker.args[0] if marker and marker.args else item.config.getini("timeout")
+    limit = item.config.getini("timeout")
+    if marker is not None:  # @pytest.mark.timeout(240) or (timeout=240)
+        limit = marker.args[0] if marker.args else marker.kwargs.get("timeout", limit)
     faulthandler.dump_traceback_later(
         float(limit) + GRACE, exit=True, file=_uncaptured_stderr(item)
     )
