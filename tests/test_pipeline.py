@@ -7,14 +7,19 @@ short-lived tokens change none of that.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+import requests
 
 from tests.fleet_harness import paypoll_env, running_fleet, wait_started, write_accounts
+from tests.prometheus_server import samples
 from tests.redis_server import free_port
 from tests.sandbox_fixture import RunningSandbox, running_sandbox
 from tests.waiting import wait_until
@@ -227,3 +232,64 @@ def test_tokens_expiring_every_few_seconds_cause_no_failure(
         for per_status in client["requests"].values():
             statuses.update(per_status)
         assert set(statuses) <= {"200", "401"}, statuses
+
+
+class ReservationCounter:
+    """Counts the limiter's reservations (EVALSHA of reserve.lua) a Redis runs, with MONITOR."""
+
+    def __init__(self, redis_url: str) -> None:
+        text = resources.files("worker.ratelimit").joinpath("reserve.lua").read_text()
+        self._client = redis.Redis.from_url(redis_url)
+        # Loaded before the fleet starts: a NOSCRIPT answer would show as one more EVALSHA.
+        self._prefix = f"EVALSHA {self._client.script_load(text)} "
+        self.count = 0
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10), "MONITOR did not start"
+
+    def _watch(self) -> None:
+        with self._client.monitor() as monitor:
+            self._ready.set()
+            for command in monitor.listen():
+                if self._stop.is_set():
+                    return
+                if str(command.get("command", "")).startswith(self._prefix):
+                    self.count += 1
+
+    def stop(self) -> int:
+        """Stop counting (after the commands already sent) and return the count."""
+        self._stop.set()
+        self._client.ping()  # wakes the listener, which then sees the flag
+        self._thread.join(10)
+        return self.count
+
+
+def test_far_slots_are_held_and_every_call_costs_one_reservation(
+    tmp_path: Path, redis_url: str, sandbox: RunningSandbox, key_prefix: str
+) -> None:
+    """With max_wait 0.2 s most steps find their key's next slot too far: it is held for the
+    rescheduled step, which comes back and uses it without a second reservation. So the
+    limiter's reservations are exactly the calls the sandbox answered, plus the slots given
+    up because their caller got to them late (each costs a fresh one)."""
+    env = make_env(tmp_path, redis_url, sandbox, key_prefix, max_wait=0.2)
+    producer = producer_for(env)
+    counter = ReservationCounter(redis_url)
+    submit(producer, 45)
+    with running_fleet(env, processes=2, threads=8) as fleet:
+        wait_started(fleet, 2)
+        counts = wait_all_final(producer, 45, timeout=90)
+        metrics = requests.get(f"http://127.0.0.1:{env['PAYPOLL_METRICS_PORT']}/metrics", timeout=5)
+    reservations = counter.stop()
+    assert counts[State.CREATE_UNKNOWN.value] == 0
+    stats = sandbox.stats(payments=False)
+    check_rate_and_duplicates(stats)
+    calls = sum(stats["clients"][c]["total"] for c in CLIENTS)
+    found = samples(metrics.text)
+    held = sum(
+        v for (name, labels), v in found.items() if name == "paypoll_limiter_far_slots_total"
+    )
+    late = sum(v for (name, _), v in found.items() if name == "paypoll_limiter_late_slots_total")
+    assert held > 0, "no step found its slot too far: the test proves nothing"
+    assert reservations == calls + late, (reservations, calls, late, held)

@@ -97,8 +97,8 @@ def test_acquire_holds_a_far_slot_and_says_when_to_come_back(
     assert info.value.hold == pytest.approx(first[0].slot + 5 * INTERVAL, abs=1e-5)
     held_until = int(stored_slot(redis_client, keys, "acme") or 0) / 1e6
     assert held_until == pytest.approx(info.value.hold + INTERVAL, abs=2e-6)
-    # ... and it should come back when the slot is 0.25 s (max_wait / 2) away.
-    assert info.value.retry_in == pytest.approx(5 * INTERVAL - 0.25, abs=0.05)
+    # ... and it should come back when the slot is 0.45 s (0.9 x max_wait) away.
+    assert info.value.retry_in == pytest.approx(5 * INTERVAL - 0.45, abs=0.05)
 
 
 def test_acquire_sleeps_until_the_slot(limiter: RateLimiter) -> None:
@@ -164,14 +164,16 @@ def test_a_hold_back_too_early_is_handed_back_without_a_reservation(
         limiter.book("acme", RATE, max_wait=1.0, hold=hold)
     assert reserves.calls == 0
     assert info.value.hold == hold
-    assert info.value.retry_in == pytest.approx(3.0 - 0.5, abs=0.05)
+    assert info.value.retry_in == pytest.approx(3.0 - 0.9, abs=0.05)
 
 
-def test_a_stale_hold_is_ignored_and_a_slot_booked(limiter: RateLimiter) -> None:
+def test_a_stale_hold_is_counted_late_and_a_fresh_slot_booked(limiter: RateLimiter) -> None:
     now = limiter.reserve("acme", RATE, max_wait=0.0).now
     reserves = CountingReserve(limiter)
-    granted = limiter.book("acme", RATE, hold=now - 30.0)()  # an old run's hold
+    late_before = late_slots("acme")
+    granted = limiter.book("acme", RATE, hold=now - 30.0)()  # a job back 30 s late
     assert reserves.calls == 1
+    assert late_slots("acme") == late_before + 1  # the held slot went unused: counted
     assert granted.booking.slot == pytest.approx(now + INTERVAL, abs=0.05)
     assert not granted.booking.held
 

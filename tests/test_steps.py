@@ -18,6 +18,7 @@ import redis
 from tests.counting import CountingReserve
 from tests.sandbox_fixture import RunningSandbox, running_sandbox
 from tests.waiting import wait_until
+from worker.ratelimit.limiter import HOLD_LEAD
 from worker.runtime import Runtime
 from worker.settings import Account, Secret, Settings
 from worker.store import PaymentSpec, State
@@ -155,9 +156,9 @@ def test_a_far_slot_is_held_for_the_rescheduled_step_which_then_books_nothing(
     rec = record(rt)
     assert rec.state == State.QUEUED and rec.attempts == 0 and rec.slot_hold is not None
     assert rec.slot_hold == pytest.approx(rt.store.now() + 1.5, abs=0.1)
-    # Due half of max_wait before the held slot, so that it sleeps the rest.
+    # Due 0.9 x max_wait before the held slot, so that it sleeps the rest.
     due = rt.redis.zscore(rt.keys.due(CLIENT, "create"), "r1")
-    assert due == pytest.approx(rec.slot_hold - rt.settings.max_wait / 2, abs=0.05)
+    assert due == pytest.approx(rec.slot_hold - HOLD_LEAD * rt.settings.max_wait, abs=0.05)
     wait_until(lambda: rt.store.now() >= due, timeout=5, what="the step to be due")
     reserves = CountingReserve(rt.limiter)
     assert run_create(rt, CLIENT, "r1") == "created"

@@ -32,6 +32,10 @@ from worker.ratelimit.redis_clock import OffsetBounds, RedisClock
 _MICRO = 1_000_000
 LATE_REBOOKS = 1  # fresh slots a late caller may take before it gives up (SlotTooFar)
 STALE_HOLD = 1.0  # seconds past its slot after which a hold is an old one, not a late caller
+# A held slot's job is rescheduled for this share of max_wait before the slot: as early as the
+# caller may sleep, less a tenth for the clocks, so that the sweeper's and the queue's delays
+# make it later but not late.
+HOLD_LEAD = 0.9
 
 
 def _script_text(name: str) -> str:
@@ -45,9 +49,9 @@ class Reservation:
     ``slot`` and ``now`` are seconds on the Redis clock (``TIME``); ``wait = slot - now``.
     ``granted`` says whether the slot was booked for the caller, and ``held`` whether it was
     booked ahead (further than ``max_wait``): the caller should come back ``retry_in`` seconds
-    from now, half of ``max_wait`` before the slot, and use it then. When ``granted`` is False no
-    capacity was taken and ``retry_in`` says when to ask again: when the slot is half of
-    ``max_ahead`` away (others may have booked it by then: a hint, not a promise).
+    from now, ``HOLD_LEAD`` x ``max_wait`` before the slot, and use it then. When ``granted``
+    is False no capacity was taken and ``retry_in`` says when to ask again: when the slot is
+    half of ``max_ahead`` away (others may have booked it by then: a hint, not a promise).
 
     ``asked_at`` and ``answered_at`` are the caller's clock (``time.monotonic()``) just before
     the call was sent and just after its answer was read: Redis read ``now`` in between. The
@@ -149,8 +153,8 @@ class RateLimiter:
         wait = (slot_us - now_us) / _MICRO
         if granted == 1:
             retry_in = 0.0
-        elif granted == 2:  # held: come back with half of max_wait to spare
-            retry_in = max(0.0, wait - max_wait / 2)
+        elif granted == 2:  # held: come back as early as the caller may sleep for it
+            retry_in = max(0.0, wait - HOLD_LEAD * max_wait)
         else:
             retry_in = max(0.0, wait - ahead / 2)
         return Reservation(
@@ -168,7 +172,8 @@ class RateLimiter:
     def held(self, account: str, slot: float) -> Reservation | None:
         """The reservation of a slot booked earlier and held (``SlotTooFar.hold``), placed by
         this process's clock model; None when the hold is stale (more than ``STALE_HOLD``
-        seconds past: an old run's, not a late caller's).
+        seconds past: the job came back that late, and the caller should book a fresh slot;
+        counted as a late slot).
 
         No command, except one ``TIME`` probe in a process that has no clock model yet. The
         reservation carries the model's bounds as its own round trip.
@@ -184,6 +189,7 @@ class RateLimiter:
         # clock went from `now - (high - low)` to `now`.
         redis_now = now + bounds.low
         if redis_now - slot > STALE_HOLD:
+            metrics.record_late_slot(account)  # the job came back too late: the slot went unused
             return None
         return Reservation(
             account=account,
@@ -337,8 +343,8 @@ class RateLimiter:
         ``SlotTooFar(account, retry_in, hold)`` is raised (by this call, or by the wait when
         the caller was late for its slot and its fresh one): the job should be rescheduled for
         ``retry_in`` seconds from now rather than hold a thread, and pass ``hold`` back here
-        when it runs again. A hold costs no reservation; a stale one (an old run's) is ignored
-        and a slot booked as usual.
+        when it runs again. A hold costs no reservation; a stale one (more than 1 s past) is
+        counted as a late slot and a fresh slot booked.
 
         Two steps so that the client can make its connection in between: a connect after
         the slot would make the call late (worker/api/send_gate.py).
@@ -350,7 +356,7 @@ class RateLimiter:
             if booking is None:
                 booking = self.book_slot(account, rate, wait)
             elif booking.wait > wait:  # back too early for its hold: come back again
-                raise SlotTooFar(account, booking.wait - wait / 2, hold=hold)
+                raise SlotTooFar(account, booking.wait - HOLD_LEAD * wait, hold=hold)
         except SlotTooFar:
             metrics.record_far_slot(account)
             raise
