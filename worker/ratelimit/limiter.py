@@ -18,7 +18,6 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -28,6 +27,7 @@ from worker import defaults, metrics
 from worker.errors import SlotTooFar
 from worker.keys import Keys
 from worker.ratelimit.redis_clock import OffsetBounds, RedisClock
+from worker.ratelimit.reservation import Reservation
 
 _MICRO = 1_000_000
 LATE_REBOOKS = 1  # fresh slots a late caller may take before it gives up (SlotTooFar)
@@ -40,34 +40,6 @@ HOLD_LEAD = 0.9
 
 def _script_text(name: str) -> str:
     return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
-
-
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    """The answer of one ``reserve`` call.
-
-    ``slot`` and ``now`` are seconds on the Redis clock (``TIME``); ``wait = slot - now``.
-    ``granted`` says whether the slot was booked for the caller, and ``held`` whether it was
-    booked ahead (further than ``max_wait``): the caller should come back ``retry_in`` seconds
-    from now, ``HOLD_LEAD`` x ``max_wait`` before the slot, and use it then. When ``granted``
-    is False no capacity was taken and ``retry_in`` says when to ask again: when the slot is
-    half of ``max_ahead`` away (others may have booked it by then: a hint, not a promise).
-
-    ``asked_at`` and ``answered_at`` are the caller's clock (``time.monotonic()``) just before
-    the call was sent and just after its answer was read: Redis read ``now`` in between. The
-    limiter's ``RedisClock`` learns from these round trips where Redis times fall on the
-    caller's clock, which ``sleep_until`` and ``lateness`` use.
-    """
-
-    account: str
-    slot: float
-    now: float
-    wait: float
-    granted: bool
-    retry_in: float
-    asked_at: float
-    answered_at: float
-    held: bool = False
 
 
 class RateLimiter:
