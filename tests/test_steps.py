@@ -95,6 +95,8 @@ def test_create_then_track_to_paid(rt_sandbox: tuple[Runtime, RunningSandbox]) -
     rec = record(rt)
     assert rec.state == State.PAID and rec.polls == 1 and rec.terminal_at is not None
     assert creates_seen(sandbox) == 1
+    # It never held a slot: its record carries no hold field at all.
+    assert not rt.redis.hexists(rt.keys.payment(CLIENT, "r1"), "slot_hold")
 
 
 @pytest.fixture

@@ -22,7 +22,14 @@ from worker.errors import (
 )
 from worker.runtime import Runtime
 from worker.schedule import retry_delay
-from worker.steps.outcomes import describe, log, persist, record_move, reschedule
+from worker.steps.outcomes import (
+    describe,
+    hold_fields,
+    log,
+    persist,
+    record_move,
+    reschedule,
+)
 from worker.store import PaymentRecord, State
 from worker.store.store import NOW
 
@@ -62,7 +69,7 @@ def run_create(rt: Runtime, account: str, reference_id: str) -> str:
             next_step="create",
             delay=settings.connect_timeout + settings.read_timeout + SENT_GRACE,
             guard=("phase", ""),
-            fields={"phase": "sent", "sent_at": NOW, "slot_hold": ""},
+            fields={"phase": "sent", "sent_at": NOW, **hold_fields(rec)},
             increments={"attempts": 1},
         )
         if not moved.moved:

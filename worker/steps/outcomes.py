@@ -68,6 +68,15 @@ def record_move(rt: Runtime, rec: PaymentRecord, target: State, moved: Transitio
             rt.on_final(rec.account, rec.reference_id, target.value)
 
 
+def hold_fields(rec: PaymentRecord, hold: float | None = None) -> dict[str, str]:
+    """The record fields that keep ``hold`` for the next run of its step, or drop the hold the
+    record had (a hold serves the run right after its reschedule only); nothing otherwise, so
+    that a payment that never held a slot carries no such field."""
+    if hold is not None:
+        return {"slot_hold": repr(hold)}
+    return {"slot_hold": ""} if rec.slot_hold is not None else {}
+
+
 def reschedule(
     rt: Runtime,
     rec: PaymentRecord,
@@ -85,7 +94,7 @@ def reschedule(
     ``hold`` is the rate-limit slot held for that step (``SlotTooFar.hold``); any hold the
     record had is dropped otherwise (a hold is for the run right after the reschedule).
     """
-    fields = {**(fields or {}), "slot_hold": "" if hold is None else repr(hold)}
+    fields = {**(fields or {}), **hold_fields(rec, hold)}
     return persist(
         lambda: rt.store.transition(
             rec.account,

@@ -12,7 +12,14 @@ from worker import metrics
 from worker.errors import ApiError, NotFound, SlotTooFar
 from worker.runtime import Runtime
 from worker.schedule import retry_delay
-from worker.steps.outcomes import describe, log, persist, record_move, reschedule
+from worker.steps.outcomes import (
+    describe,
+    hold_fields,
+    log,
+    persist,
+    record_move,
+    reschedule,
+)
 from worker.store import PaymentRecord, State
 from worker.store.states import API_TERMINAL, from_api_status
 
@@ -99,7 +106,7 @@ def run_track(rt: Runtime, account: str, reference_id: str) -> str:
             sources=[State.PENDING],
             next_step="track",
             delay=delay,
-            fields={"api_status": status, "errors": 0, "last_error": "", "slot_hold": ""},
+            fields={"api_status": status, "errors": 0, "last_error": "", **hold_fields(rec)},
             increments={"polls": 1},
         )
     )
