@@ -70,6 +70,11 @@ def _lines(raw: IO[bytes]) -> Iterator[tuple[int, str | RowError]]:
             yield number, RowError(number, "encoding", reason)
 
 
+# Blank lines are skipped; only ASCII whitespace makes a line blank, so a line holding only an
+# invisible Unicode space (U+0085, U+00A0...) is reported as an error, never dropped silently.
+_BLANK = " \t\r\n\f\v"
+
+
 def read_rows(raw: IO[bytes], fmt: str) -> Iterator[tuple[int, Mapping[str, Any] | RowError]]:
     """(line number, row as a mapping or the RowError that line is) for every data row."""
     if fmt == "jsonl":
@@ -77,7 +82,7 @@ def read_rows(raw: IO[bytes], fmt: str) -> Iterator[tuple[int, Mapping[str, Any]
             if isinstance(text, RowError):
                 yield number, text
                 continue
-            if not text.strip():
+            if not text.strip(_BLANK):
                 continue
             try:
                 row = json.loads(text)
@@ -99,7 +104,7 @@ def read_rows(raw: IO[bytes], fmt: str) -> Iterator[tuple[int, Mapping[str, Any]
             if header is None:
                 return  # without a readable header no row can be read
             continue
-        if not text.strip():
+        if not text.strip(_BLANK):
             continue
         try:
             cells = next(csv.reader(io.StringIO(text), strict=True))
