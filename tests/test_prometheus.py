@@ -34,6 +34,9 @@ from tests.waiting import wait_until
 from worker.collectors import AccountLimitsCollector, StoreCollector
 from worker.exporter import MULTIPROC_ENV, Exporter, prepare_multiprocess_dir, start_exporter
 from worker.keys import Keys
+from worker.polling.allocation import Plan
+from worker.polling.model import CompletionModel
+from worker.polling.store import PlanStore
 from worker.settings import Account, Secret
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +67,7 @@ def _workload(redis_url: str, prefix: str, stop: Any, started: Any) -> None:
             metrics.record_api_call("acme", "get", "200", 0.02 + 0.001 * (i % 10))
             metrics.record_transition("acme", "paid")
             metrics.record_terminal("acme", "paid", 30.0 + i % 60, 3 + i % 5)
+            metrics.record_detection_bound("acme", 0.5 + i % 5)
             if i % 4 == 0:
                 metrics.record_api_call("acme", "get", "429", 0.01)
                 metrics.record_penalty("acme")
@@ -102,6 +106,10 @@ def live_exporter(
     monkeypatch.setenv(MULTIPROC_ENV, str(directory))
     namespace = f"{key_prefix}-dq"
     populate_store(redis_client, keys, redis_now(redis_client))
+    # A plan as the sweeper writes it (the planner's gauges), and a shared slot taken.
+    plans = PlanStore(redis=redis_client, keys=keys)
+    plans.write_plans({"acme": (Plan.idle(), CompletionModel(), 4.5)})
+    plans.take_shared_slot("acme")
     # Only the workload process beats from now on (the populated beats would age out mid-test).
     redis_client.zrem(keys.heartbeat(), "host-a:11", "host-a:12")
     broker = fill_queues(redis_url, namespace)

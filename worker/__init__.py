@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         submit_payment,
         track_payment,
     )
+    from worker.shared_slot import SharedLimiter, SlotTimeout, api_slot
     from worker.store import PaymentRecord, State
 
 _EXPORTS = {
@@ -39,15 +40,21 @@ _EXPORTS = {
     "track_payment": "worker.producer",
     "PaymentRecord": "worker.store",
     "State": "worker.store",
+    "api_slot": "worker.shared_slot",
+    "SharedLimiter": "worker.shared_slot",
+    "SlotTimeout": "worker.shared_slot",
 }
 
 __all__ = [
     "PaymentRecord",
     "PaypollError",
     "Producer",
+    "SharedLimiter",
+    "SlotTimeout",
     "State",
     "ValidationError",
     "__version__",
+    "api_slot",
     "get_payment",
     "list_payments",
     "submit_payment",

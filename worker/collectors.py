@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from worker.keys import Keys
+from worker.polling.gauges import planner_families, read_planner
 from worker.settings import Account
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ class StoreCollector(Collector):
         # Names are not registered up front: the collector must not touch Redis at registration.
         return []
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[Metric]:
         """Yield the store's gauges, or ``paypoll_redis_up 0`` when Redis fails."""
         started = time.perf_counter()
         up = GaugeMetricFamily(
@@ -242,9 +243,18 @@ class StoreCollector(Collector):
             up.add_metric([], 0)
             yield up
             return
+        accounts = sorted({account for account, _ in snapshot.payments})
+        try:
+            planner = read_planner(self._redis, self._keys, accounts, snapshot.now)
+        except redis.RedisError as exc:
+            log.warning("metrics: cannot read the planner from Redis: %s", type(exc).__name__)
+            up.add_metric([], 0)
+            yield up
+            return
         up.add_metric([], 1)
         yield up
         yield from self._families(snapshot)
+        yield from planner_families(planner)
         took = GaugeMetricFamily(
             "paypoll_store_scrape_seconds", "Time the exporter took to read the store from Redis"
         )

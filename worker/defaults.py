@@ -35,6 +35,26 @@ POLL_MAX_DELAY = 20.0  # cap between polls; 60 s made the p95 notice delay 44 s 
 POLL_JITTER = 1.0  # share of each delay drawn at random: 1 = full jitter, 0 = none
 TRACKING_TIMEOUT = 86_400.0  # seconds after create after which tracking stops (tracking_timeout)
 
+# --- poll planner (worker/polling/) ------------------------------------------------------------
+POLL_POLICY = "planner"  # planner: spend the key's budget by hazard; backoff: the schedule above
+# Share of a key's rate polls may use when no create waits: 0.9 leaves 0.5 req/s of a 5/s key
+# for other software on the same key (or a token call) without a 429, and costs 10% of the
+# polls; software that takes its slots through worker.api_slot() is subtracted exactly instead.
+POLL_SHARE = 0.9
+POLL_FLOOR = (
+    0.2  # share of the rate polls keep while creates wait: a create backlog can't starve them
+)
+POLL_MIN_GAP = 1.0  # seconds: never poll one payment twice within this (a payer needs a moment)
+# Seconds of detection delay a poll must save to be made: 0 spends the whole budget (polls are
+# free until the key's share is used); above 0, a quiet key polls less (the square-root rule
+# with a price per poll) and leaves its spare budget to other software.
+POLL_COST = 0.0
+POLL_MAX_GAP = 3600.0  # seconds: the longest a pending payment waits for a poll, whatever its odds
+# Under saturation no payment's planned gap exceeds this many times the fair share
+# (pending / poll budget): the hazard may favour some payments, never starve the others.
+POLL_STARVATION_BOUND = 1.25
+PLAN_REFRESH = 1.0  # seconds between two plans per key (threshold from pending ages and budget)
+
 # --- create retries ----------------------------------------------------------------------------
 CREATE_MAX_ATTEMPTS = 8  # safe-to-retry failures of a create before it is marked failed
 RETRY_BASE_DELAY = 0.5  # seconds; first backoff after a safe failure

@@ -59,6 +59,45 @@ class Keys:
         """
         return f"{self._acct(account)}:inflight:{step}"
 
+    def pending_age(self, account: str) -> str:
+        """Sorted set: reference_id -> created_at (Redis clock, s) of each ``pending`` payment.
+
+        Kept by the store's scripts on every move into or out of ``pending``: the poll planner
+        counts pending payments by age with ZCOUNT (O(log N)), never by scanning them.
+        """
+        return f"{self._acct(account)}:pending:age"
+
+    # --- poll planner ---
+    def plan(self, account: str) -> str:
+        """Hash: the account's current poll plan (threshold, budget, hazard), see worker/polling."""
+        return f"{self._acct(account)}:plan"
+
+    def completions(self, account: str) -> str:
+        """Hash: age bin -> weight of observed completion ages (the learned distribution)."""
+        return f"{self._acct(account)}:completions"
+
+    def shared_slots(self, account: str) -> str:
+        """Counter of limiter slots taken by other software through ``worker.api_slot``."""
+        return f"{self._acct(account)}:shared"
+
+    def not_before(self, account: str) -> str:
+        """Sorted set: reference_id -> the earliest time its scheduled poll may run.
+
+        Under the poll planner a poll may run before its planned due time when the key has
+        budget to spare (an early pull), but never before this: the last poll + min gap, or
+        the end of a retry's backoff. Only scheduled tracks have an entry.
+        """
+        return f"{self._acct(account)}:due:track:nb"
+
+    def held(self, account: str) -> str:
+        """Sorted set: reference_id -> due time of a scheduled track that holds a rate-limit slot.
+
+        Its call is booked already (a far slot held for it), so the sweeper claims it when
+        due outside the poll planner's pace: pacing it again would let its slot go stale.
+        Each member is in ``due(account, "track")`` too.
+        """
+        return f"{self._acct(account)}:due:track:held"
+
     def accounts(self) -> str:
         """Set of account aliases that have ever had a payment (for listing and sweeping)."""
         return f"{self.prefix}:accounts"

@@ -88,6 +88,15 @@ UNKNOWN_STATUSES = Counter(
     "Payment statuses the API returned that paypoll does not know (tolerated, kept polling)",
     ["account"],
 )
+# Seconds: a poll every min_gap bounds it near 1 s; saturation and backoff reach minutes.
+DETECTION_BUCKETS = (0.25, 0.5, 1, 1.5, 2, 2.5, 3, 5, 7.5, 10, 15, 20, 30, 60, 120, 300, 900, 3600)
+DETECTION_BOUND_SECONDS = Histogram(
+    "paypoll_detection_delay_bound_seconds",
+    "Upper bound of how late a final state was noticed: time from the last poll that saw the "
+    "payment pending (or its create) to the poll that saw it final",
+    ["account"],
+    buckets=DETECTION_BUCKETS,
+)
 JOBS = Counter(
     "paypoll_jobs_total",
     "Actor jobs finished, by actor and outcome (ok, or what ended them)",
@@ -170,6 +179,11 @@ def record_terminal(account: str, state: str, seconds_since_submit: float, polls
     POLLS_AT_TERMINAL.labels(account, state).observe(max(0, polls))
 
 
+def record_detection_bound(account: str, seconds: float) -> None:
+    """A poll saw a payment of ``account`` final ``seconds`` after the last one saw it pending."""
+    DETECTION_BOUND_SECONDS.labels(account).observe(max(0.0, seconds))
+
+
 def record_unknown_status(account: str) -> None:
     """The API answered a status paypoll does not know for one of ``account``'s payments."""
     UNKNOWN_STATUSES.labels(account).inc()
@@ -194,6 +208,7 @@ def prime_accounts(accounts: Iterable[str], states: Iterable[str] = ()) -> None:
         for counter in (RATE_LIMITED, LIMITER_GRANTED, LIMITER_FAR, LIMITER_PENALTIES):
             counter.labels(account)
         UNKNOWN_STATUSES.labels(account)
+        DETECTION_BOUND_SECONDS.labels(account)
         for state in states:
             TRANSITIONS.labels(account, state)
 

@@ -11,6 +11,8 @@ from redis import Redis
 from worker.api.client import ApiClient
 from worker.connection import connect_redis
 from worker.keys import Keys
+from worker.polling.store import PlanCache, PlanStore
+from worker.polling.timer import PollTimer
 from worker.ratelimit import RateLimiter
 from worker.schedule import PollSchedule
 from worker.settings import Settings
@@ -28,6 +30,8 @@ class Runtime:
     limiter: RateLimiter
     client: ApiClient
     schedule: PollSchedule
+    plans: PlanStore
+    timer: PollTimer
     rng: random.Random = field(default_factory=random.Random)
     on_final: Callable[[str, str, str], None] | None = None
     """Called with (account, reference_id, state) after a payment reaches a final state."""
@@ -45,6 +49,15 @@ class Runtime:
             max_ahead=settings.max_ahead,
             penalty_default=settings.penalty_default,
         )
+        schedule = PollSchedule(
+            first_delay=settings.poll_first_delay,
+            factor=settings.poll_factor,
+            max_delay=settings.poll_max_delay,
+            tracking_timeout=settings.tracking_timeout,
+            jitter=settings.poll_jitter,
+        )
+        plans = PlanStore(redis=client, keys=keys)
+        rng = random.Random()
         return cls(
             settings=settings,
             redis=client,
@@ -52,11 +65,8 @@ class Runtime:
             store=PaymentStore(redis=client, keys=keys, events_maxlen=settings.events_maxlen),
             limiter=limiter,
             client=ApiClient(settings=settings, redis=client, limiter=limiter, keys=keys),
-            schedule=PollSchedule(
-                first_delay=settings.poll_first_delay,
-                factor=settings.poll_factor,
-                max_delay=settings.poll_max_delay,
-                tracking_timeout=settings.tracking_timeout,
-                jitter=settings.poll_jitter,
-            ),
+            schedule=schedule,
+            plans=plans,
+            timer=PollTimer(settings=settings, schedule=schedule, plans=PlanCache(plans), rng=rng),
+            rng=rng,
         )

@@ -114,6 +114,22 @@ def _parse_share(raw: str) -> float:
     return value
 
 
+def _parse_positive_share(raw: str) -> float:
+    value = _number(raw)
+    if not 0 < value <= 1:
+        raise ValueError("expected a share above 0 and at most 1")
+    return value
+
+
+POLL_POLICIES = ("planner", "backoff", "round_robin")
+
+
+def _parse_poll_policy(raw: str) -> str:
+    if raw not in POLL_POLICIES:
+        raise ValueError("expected " + ", ".join(POLL_POLICIES))
+    return raw
+
+
 def _parse_port(raw: str) -> int:
     value = _whole(raw)
     if not 0 <= value <= 65535:
@@ -176,6 +192,12 @@ class Settings:
     poll_factor: float = defaults.POLL_FACTOR
     poll_max_delay: float = defaults.POLL_MAX_DELAY
     poll_jitter: float = defaults.POLL_JITTER
+    poll_policy: str = defaults.POLL_POLICY
+    poll_share: float = defaults.POLL_SHARE
+    poll_floor: float = defaults.POLL_FLOOR
+    poll_min_gap: float = defaults.POLL_MIN_GAP
+    poll_max_gap: float = defaults.POLL_MAX_GAP
+    poll_cost: float = defaults.POLL_COST
     tracking_timeout: float = defaults.TRACKING_TIMEOUT
     create_max_attempts: int = defaults.CREATE_MAX_ATTEMPTS
     retry_base_delay: float = defaults.RETRY_BASE_DELAY
@@ -236,10 +258,28 @@ ENV_HELP: dict[str, tuple[Callable[[str], Any], str]] = {
         "Furthest slot booked and held for a rescheduled job (below max_wait: max_wait)",
     ),
     "penalty_default": (_parse_positive_float, "Pause of a key after a 429 without Retry-After"),
-    "poll_first_delay": (_parse_positive_float, "Seconds from create to the first poll"),
-    "poll_factor": (_parse_positive_float, "Growth factor of the delay between polls"),
-    "poll_max_delay": (_parse_positive_float, "Longest delay between two polls"),
-    "poll_jitter": (_parse_share, "Share of each poll delay drawn at random (1: full jitter)"),
+    "poll_first_delay": (
+        _parse_positive_float,
+        "backoff policy: seconds from create to the first poll",
+    ),
+    "poll_factor": (
+        _parse_positive_float,
+        "backoff policy: growth factor of the delay between polls",
+    ),
+    "poll_max_delay": (_parse_positive_float, "backoff policy: longest delay between two polls"),
+    "poll_jitter": (_parse_share, "backoff policy: share of each delay drawn at random (1: full)"),
+    "poll_policy": (
+        _parse_poll_policy,
+        "planner (polls spend the key's budget where change is likeliest), backoff or round_robin",
+    ),
+    "poll_share": (_parse_positive_share, "Share of a key's rate polls may use if no create waits"),
+    "poll_floor": (_parse_share, "Share of a key's rate polls keep while creates wait"),
+    "poll_min_gap": (_parse_positive_float, "Fewest seconds between two polls of one payment"),
+    "poll_max_gap": (_parse_positive_float, "Most seconds between two polls of one payment"),
+    "poll_cost": (
+        _parse_non_negative_float,
+        "Seconds of detection delay a poll must save (0: spend the whole poll budget)",
+    ),
     "tracking_timeout": (_parse_positive_float, "Seconds after create when tracking gives up"),
     "create_max_attempts": (_parse_positive_int, "Attempts of a create on safe-to-retry failures"),
     "retry_base_delay": (_parse_positive_float, "First backoff (s) after a safe-to-retry failure"),
@@ -374,4 +414,15 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         except ValueError:
             raise ConfigError(f"{env_name('rate')}: expected a number > 0") from None
         accounts["default"] = Account("default", client_id, Secret(client_secret), rate)
-    return Settings(accounts=accounts, **values)
+    settings = Settings(accounts=accounts, **values)
+    if settings.poll_floor > settings.poll_share:
+        raise ConfigError(
+            f"{env_name('poll_floor')}: expected at most {env_name('poll_share')} "
+            f"({settings.poll_floor:g} > {settings.poll_share:g})"
+        )
+    if settings.poll_max_gap < settings.poll_min_gap:
+        raise ConfigError(
+            f"{env_name('poll_max_gap')}: expected at least {env_name('poll_min_gap')} "
+            f"({settings.poll_max_gap:g} < {settings.poll_min_gap:g})"
+        )
+    return settings

@@ -11,6 +11,10 @@ however many payments are in tracking, and no worker holds thousands of delayed 
 One sweeper runs at a time in the whole fleet: each worker process runs a SweeperThread that
 takes a Redis lock; the holder renews it every pass, and when it dies another takes over within
 the lock's TTL.
+
+Under the poll planner (the default ``PAYPOLL_POLL_POLICY``), the sweeper also plans and paces
+each key's polls (worker/polling/planner.py): tracks are claimed at most at the key's poll
+budget, oldest due first, so a key's polls never exceed their share of its rate.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ import redis
 import structlog
 
 from worker import defaults
+from worker.polling.allocation import POLICIES_WITH_PLAN
+from worker.polling.planner import PollPlanner
+from worker.polling.store import PlanStore
 from worker.settings import Settings
 from worker.store import PaymentStore
 
@@ -85,6 +92,12 @@ class Sweeper:
         self.store = store
         self.send = send
         self.batch = batch
+        self.planner: PollPlanner | None = None
+        if settings.poll_policy in POLICIES_WITH_PLAN:
+            self.planner = PollPlanner(
+                settings=settings, store=PlanStore(redis=store.redis, keys=store.keys)
+            )
+        self._creates_waiting: dict[str, bool] = {}
 
     def accounts(self) -> Iterable[str]:
         """Configured accounts: only these can be served by this fleet's credentials."""
@@ -100,9 +113,21 @@ class Sweeper:
         }
         if not budgets:
             return result
-        claims = self.store.claim_due_many(budgets, lease=s.sweep_grace, batch=self.batch)
+        paces = None
+        if self.planner is not None:
+            waiting = {a: self._creates_waiting.get(a, False) for a in budgets}
+            paces = self.planner.quotas(waiting)
+        claims = self.store.claim_due_many(
+            budgets, lease=s.sweep_grace, batch=self.batch, paces=paces
+        )
         per_account: list[list[tuple[str, str, str]]] = []
         for account, claim in claims.items():
+            if self.planner is not None:
+                self.planner.spent(
+                    account, len(claim.tracks) - claim.held_tracks, len(claim.creates)
+                )
+                # Creates claimed or still due use the key: polls keep only their floor then.
+                self._creates_waiting[account] = claim.creates_due > 0 or bool(claim.creates)
             if claim.recovered:
                 log.warning("sweeper.recovered", account=account, steps=claim.recovered)
             per_account.append(

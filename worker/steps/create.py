@@ -150,7 +150,8 @@ def _created(rt: Runtime, rec: PaymentRecord, payment: PaymentRequest) -> str:
             State.PENDING,
             sources=[State.CREATING],
             next_step="track",
-            delay=rt.settings.poll_first_delay,
+            delay=rt.timer.after_create(rec.account),
+            not_before=rt.timer.pull_after(),
             guard=("phase", "sent"),
             fields={
                 "phase": "",

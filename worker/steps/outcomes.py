@@ -106,5 +106,9 @@ def reschedule(
             guard=guard,
             fields=fields,
             increments=increments,
+            # A retry is never pulled forward: not before its delay. A step that holds a slot
+            # is claimed at its time outside the poll pace: its call is booked already.
+            not_before=rt.timer.pull_after(delay),
+            holds_slot=hold is not None and rt.timer.planned,
         )
     )

@@ -1,11 +1,13 @@
-"""The track step: poll a payment until a terminal status, by the PollSchedule, within the
-tracking deadline; unknown statuses are counted and polled again, 404 and the deadline end in
-visible states."""
+"""The track step: poll a payment until a terminal status, each next poll placed by the poll
+policy (worker/polling/timer.py), within the tracking deadline; unknown statuses are counted and
+polled again, 404 and the deadline end in visible states. A poll that sees the payment final
+teaches the key's completion model when it completed (between the last pending poll and now)."""
 
 from __future__ import annotations
 
 import time
 
+import redis
 import structlog
 
 from worker import metrics
@@ -20,8 +22,9 @@ from worker.steps.outcomes import (
     record_move,
     reschedule,
 )
-from worker.store import PaymentRecord, State
+from worker.store import PaymentRecord, State, Transition
 from worker.store.states import API_TERMINAL, from_api_status
+from worker.store.store import NOW
 
 KNOWN_STATUSES = frozenset({"pending"} | {s.value for s in API_TERMINAL})
 
@@ -86,17 +89,19 @@ def run_track(rt: Runtime, account: str, reference_id: str) -> str:
                 terminal,
                 sources=[State.PENDING],
                 next_step="",
-                fields={"api_status": status, "errors": 0, "last_error": ""},
+                fields={"api_status": status, "errors": 0, "last_error": "", "polled_at": NOW},
                 increments={"polls": 1},
             )
         )
         record_move(rt, rec, terminal, moved)
+        if moved.moved:
+            _learn(rt, rec, created_at, moved)
         return terminal.value
     if status.lower() not in KNOWN_STATUSES:
         # api-contract.md: new statuses can appear without a version bump. Keep polling.
         metrics.record_unknown_status(account)
         log.warning("payment.unknown_status", status=status[:64])
-    delay = rt.schedule.delay(rec.polls + 1, rt.rng)
+    delay = rt.timer.after_poll(account, age=time.time() - created_at, polls=rec.polls + 1)
     delay = min(delay, max(deadline - time.time(), 0.0))
     persist(
         lambda: rt.store.transition(
@@ -106,11 +111,30 @@ def run_track(rt: Runtime, account: str, reference_id: str) -> str:
             sources=[State.PENDING],
             next_step="track",
             delay=delay,
-            fields={"api_status": status, "errors": 0, "last_error": "", **hold_fields(rec)},
+            not_before=rt.timer.pull_after(),
+            fields={
+                "api_status": status,
+                "errors": 0,
+                "last_error": "",
+                "polled_at": NOW,
+                **hold_fields(rec),
+            },
             increments={"polls": 1},
         )
     )
     return "polled"
+
+
+def _learn(rt: Runtime, rec: PaymentRecord, created_at: float, moved: Transition) -> None:
+    """The payment completed after its last pending poll (or its create) and before now: count
+    that bound on the detection delay, and teach the key's completion model the interval."""
+    last_pending = rec.polled_at or created_at
+    metrics.record_detection_bound(rec.account, max(0.0, moved.now - last_pending))
+    try:
+        rt.plans.observe(rec.account, last_pending - created_at, moved.now - created_at)
+    except redis.RedisError as exc:
+        # Learning is best effort: the outcome itself is stored already.
+        log.warning("planner.observe_failed", error=str(exc))
 
 
 def _end_track(rt: Runtime, rec: PaymentRecord, target: State, error: str) -> str:

@@ -9,7 +9,7 @@ its schedule and the events stream never disagree.
 
 from worker.store.records import PaymentRecord, PaymentSpec
 from worker.store.states import ACTIVE, API_TERMINAL, FINAL, State
-from worker.store.store import Claim, PaymentStore, Transition
+from worker.store.store import Claim, PaymentStore, TrackPace, Transition
 
 __all__ = [
     "ACTIVE",
@@ -20,5 +20,6 @@ __all__ = [
     "PaymentSpec",
     "PaymentStore",
     "State",
+    "TrackPace",
     "Transition",
 ]

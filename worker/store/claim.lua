@@ -3,11 +3,23 @@
 -- sweeper in one call.
 --
 -- KEYS[1] inflight:create   KEYS[2] inflight:track   KEYS[3] due:create   KEYS[4] due:track
+-- KEYS[5] not-before of scheduled tracks (ZSET ref -> earliest time an early pull may run it)
+-- KEYS[6] held tracks (ZSET ref -> due time of a track holding a rate-limit slot)
 -- ARGV[1] budget: most steps of this account in flight at once
 -- ARGV[2] lease in seconds: how long a dispatched step may take before it is due again
 -- ARGV[3] most steps claimed by this call
--- Returns {now, recovered, most_overdue_seconds, {create refs}, {track refs}}: the claimed refs
--- are now in flight with a lease of now + ARGV[2].
+-- ARGV[4] most tracks claimed by this call (the poll planner's pace), or -1 for none: then
+--         tracks share the in-flight budget with creates, after them. With a pace, tracks have
+--         their own in-flight budget (ARGV[1]) so that a create backlog cannot starve them,
+--         and what the due ones leave of the pace goes to early pulls: the tracks due soonest
+--         whose not-before has passed (a key with budget to spare spends it).
+-- ARGV[5] (with a pace) seconds after its not-before that a scheduled track counts as starved:
+--         it goes first, oldest first, whatever its due time (a due time planned under an
+--         older, smaller budget must not starve it once the budget grows)
+-- ARGV[6] (with a pace) 1 if spare pace pulls tracks forward, else 0
+-- ARGV[7] (with a pace) most creates claimed by this call, or -1 for the in-flight budget only
+-- Returns {now, recovered, most_overdue_seconds, {create refs}, {track refs}, creates still due,
+-- tracks still due, held tracks claimed (the first ones of the track refs, outside the pace)}: the claimed refs are now in flight with a lease of now + ARGV[2].
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local budget = tonumber(ARGV[1])
@@ -33,21 +45,102 @@ for k = 3, 4 do
   end
 end
 
-local free = budget - redis.call('ZCARD', KEYS[1]) - redis.call('ZCARD', KEYS[2])
+local claimed = {{}, {}}
+local pace = tonumber(ARGV[4])
+-- Held tracks first, outside the pace and the in-flight budget: their calls are booked.
+local held = 0
+if pace >= 0 then
+  local ready = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now, 'LIMIT', 0, batch)
+  for _, ref in ipairs(ready) do
+    redis.call('ZREM', KEYS[6], ref)
+    if redis.call('ZREM', KEYS[4], ref) == 1 then
+      redis.call('ZADD', KEYS[2], lease_until, ref)
+      table.insert(claimed[2], ref)
+      held = held + 1
+    end
+  end
+end
+local tracks_inflight = redis.call('ZCARD', KEYS[2]) - held
+local free = budget - redis.call('ZCARD', KEYS[1]) - tracks_inflight
 if free > batch then
   free = batch
 end
-local claimed = {{}, {}}
--- Creates first: a tracking backlog must never delay new payments.
-for k = 3, 4 do
-  if free > 0 then
-    local due = redis.call('ZRANGEBYSCORE', KEYS[k], '-inf', now, 'LIMIT', 0, free)
-    for _, ref in ipairs(due) do
-      redis.call('ZREM', KEYS[k], ref)
-      redis.call('ZADD', KEYS[k - 2], lease_until, ref)
-      table.insert(claimed[k - 2], ref)
+local function claim(k, n)
+  if n <= 0 then
+    return 0
+  end
+  local due = redis.call('ZRANGEBYSCORE', KEYS[k], '-inf', now, 'LIMIT', 0, n)
+  for _, ref in ipairs(due) do
+    redis.call('ZREM', KEYS[k], ref)
+    redis.call('ZADD', KEYS[k - 2], lease_until, ref)
+    table.insert(claimed[k - 2], ref)
+  end
+  if k == 4 and #due > 0 then
+    redis.call('ZREM', KEYS[5], unpack(due))
+    redis.call('ZREM', KEYS[6], unpack(due))
+  end
+  return #due
+end
+-- Starved tracks: up to n whose not-before is more than ARGV[5] seconds past, oldest first.
+local function starved(n)
+  if n <= 0 then
+    return 0
+  end
+  local old = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[5]), 'LIMIT', 0, n)
+  for _, ref in ipairs(old) do
+    redis.call('ZREM', KEYS[5], ref)
+    if redis.call('ZREM', KEYS[4], ref) == 1 then
+      redis.call('ZADD', KEYS[2], lease_until, ref)
+      table.insert(claimed[2], ref)
     end
-    free = free - #due
+  end
+  return #old
+end
+-- Early pulls: up to n tracks not due yet, soonest first, whose not-before has passed. The
+-- scan is bounded; a track without a not-before is never pulled (only its due time counts).
+local function pull(n)
+  if n <= 0 then
+    return 0
+  end
+  local later = redis.call('ZRANGEBYSCORE', KEYS[4], '(' .. now, '+inf', 'LIMIT', 0, 4 * n + 8)
+  -- (a held track has no not-before: it is never pulled)
+  local got = 0
+  for _, ref in ipairs(later) do
+    local nb = redis.call('ZSCORE', KEYS[5], ref)
+    if nb and tonumber(nb) <= now then
+      redis.call('ZREM', KEYS[4], ref)
+      redis.call('ZREM', KEYS[5], ref)
+      redis.call('ZADD', KEYS[2], lease_until, ref)
+      table.insert(claimed[2], ref)
+      got = got + 1
+      if got >= n then
+        break
+      end
+    end
+  end
+  return got
+end
+-- Creates first: a tracking backlog must never delay new payments.
+local creates = free
+if pace >= 0 and tonumber(ARGV[7]) >= 0 and tonumber(ARGV[7]) < creates then
+  creates = tonumber(ARGV[7])
+end
+free = free - claim(3, creates)
+if pace < 0 then
+  claim(4, free)
+else
+  local room = budget - tracks_inflight
+  if room > batch then
+    room = batch
+  end
+  if pace < room then
+    room = pace
+  end
+  room = room - starved(room)
+  room = room - claim(4, room)
+  if ARGV[6] == '1' then
+    pull(room)
   end
 end
-return {string.format('%.6f', now), recovered, string.format('%.6f', overdue), claimed[1], claimed[2]}
+return {string.format('%.6f', now), recovered, string.format('%.6f', overdue), claimed[1], claimed[2],
+        redis.call('ZCOUNT', KEYS[3], '-inf', now), redis.call('ZCOUNT', KEYS[4], '-inf', now), held}

@@ -46,6 +46,7 @@ class PaymentRecord:
     last_error: str = ""
     phase: str = ""
     sent_at: float | None = None
+    polled_at: float | None = None  # when its last answered poll was stored
     # A rate-limit slot held for the payment's next step (Redis clock), set when its step was
     # rescheduled for a far slot: the step hands it back to the limiter instead of booking one.
     slot_hold: float | None = None
@@ -78,6 +79,7 @@ class PaymentRecord:
             last_error=data.get("last_error", ""),
             phase=data.get("phase", ""),
             sent_at=_float(data.get("sent_at")),
+            polled_at=_float(data.get("polled_at")),
             slot_hold=_float(data.get("slot_hold")),
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -30,6 +31,20 @@ def _load(name: str) -> str:
     return resources.files("worker.store").joinpath(name).read_text(encoding="utf-8")
 
 
+def _seconds(value: float) -> str:
+    """Seconds as Lua reads them (an infinite bound as a very large one)."""
+    return "1e15" if math.isinf(value) else f"{value:.6f}"
+
+
+def _not_before_arg(next_step: str, not_before: float | None, holds_slot: bool) -> str:
+    """transition.lua's ARGV[11]: '' (no early pull), 'held', or the not-before in seconds."""
+    if next_step != "track":
+        return ""
+    if holds_slot:
+        return "held"
+    return "" if not_before is None else f"{max(not_before, 0.0):.6f}"
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -55,6 +70,22 @@ class Claim:
     most_overdue: float  # seconds the oldest due step is late (0 when none is)
     creates: list[str]
     tracks: list[str]
+    creates_due: int = 0  # creates still due after this claim (a create backlog)
+    tracks_due: int = 0  # tracks still due after this claim (polls waiting for the budget)
+    held_tracks: int = 0  # of ``tracks``, those holding a slot (claimed outside the pace)
+
+
+@dataclass(frozen=True)
+class TrackPace:
+    """How :meth:`PaymentStore.claim_due` claims tracks under the poll planner."""
+
+    polls: int  # most tracks claimed in this call
+    starve_after: float = math.inf  # seconds past its not-before that a track counts as starved
+    pull: bool = True  # spare pace pulls the soonest tracks forward (past their not-before)
+    creates: int = -1  # most creates claimed in this call (-1: the in-flight budget decides)
+
+
+UNPACED = TrackPace(-1)  # tracks share the in-flight budget, after the creates (backoff policy)
 
 
 class PaymentStore:
@@ -155,6 +186,7 @@ class PaymentStore:
                 k.due(account, "track"),
                 k.accounts(),
                 k.events(),
+                k.pending_age(account),
             ],
             args=[
                 account,
@@ -191,6 +223,8 @@ class PaymentStore:
         increments: Mapping[str, int] | None = None,
         guard: tuple[str, str] | None = None,
         operator: bool = False,
+        not_before: float | None = None,
+        holds_slot: bool = False,
     ) -> Transition:
         """Move a payment to ``target`` if it is in one of ``sources`` (default: every state
         the state machine allows to move there), set ``fields``, add ``increments``, and
@@ -198,7 +232,11 @@ class PaymentStore:
 
         ``guard=(field, value)`` additionally requires the record's field to hold value ("" for
         unset): a compare-and-set between concurrent deliveries of one message.
-        Atomic; an event is appended to the stream when the state changes.
+        ``not_before`` (a next track only): seconds from now before which the poll planner may
+        not pull the poll forward when its key has budget to spare; None: never before its due
+        time. ``holds_slot`` (a next track under the planner): the step holds a rate-limit slot
+        (a far slot held for it), so it is claimed when due outside the poll pace and never
+        pulled. Atomic; an event is appended to the stream when the state changes.
         """
         allowed = (
             list(sources) if sources is not None else sorted(sources_of(target, operator=operator))
@@ -214,6 +252,9 @@ class PaymentStore:
             k.due(account, "track"),
             k.events(),
             k.by_state(account, target),
+            k.pending_age(account),
+            k.not_before(account),
+            k.held(account),
             *(k.by_state(account, s) for s in allowed),
         ]
         args: list[Any] = [
@@ -227,6 +268,7 @@ class PaymentStore:
             guard[1] if guard else "",
             1 if target in FINAL else 0,
             len(increments or {}),
+            _not_before_arg(next_step, not_before, holds_slot),
         ]
         for name, amount in (increments or {}).items():
             args += [name, amount]
@@ -254,26 +296,62 @@ class PaymentStore:
             pipe.zrem(self.keys.inflight(account, step), reference_id)
         pipe.execute()
 
-    def claim_due(self, account: str, *, budget: int, lease: float, batch: int) -> Claim:
+    def claim_due(
+        self,
+        account: str,
+        *,
+        budget: int,
+        lease: float,
+        batch: int,
+        pace: TrackPace | None = None,
+    ) -> Claim:
         """Claim up to ``batch`` due steps of ``account`` while fewer than ``budget`` are in
-        flight (creates first), leasing each for ``lease`` seconds; recover expired leases."""
-        return self.claim_due_many({account: budget}, lease=lease, batch=batch)[account]
+        flight (creates first), leasing each for ``lease`` seconds; recover expired leases.
+
+        ``pace`` caps the tracks claimed (the poll planner's quota for this pass); tracks then
+        have their own in-flight budget, so a create backlog cannot starve them. Without it,
+        tracks take what the creates leave of the in-flight budget. With a pace, a track whose
+        not-before passed more than ``pace.starve_after`` seconds ago goes first, whatever its
+        due time, and (with ``pace.pull``) spare pace pulls the soonest tracks forward, past
+        their not-before only.
+        """
+        paces = None if pace is None else {account: pace}
+        return self.claim_due_many({account: budget}, lease=lease, batch=batch, paces=paces)[
+            account
+        ]
 
     def claim_due_many(
-        self, budgets: Mapping[str, int], *, lease: float, batch: int
+        self,
+        budgets: Mapping[str, int],
+        *,
+        lease: float,
+        batch: int,
+        paces: Mapping[str, TrackPace] | None = None,
     ) -> dict[str, Claim]:
-        """:meth:`claim_due` for several accounts (account -> budget) in one round trip."""
+        """:meth:`claim_due` for several accounts (account -> budget, and account -> pace when
+        the planner paces polls) in one round trip."""
         k = self.keys
         pipe = self.redis.pipeline(transaction=False)
         for account, budget in budgets.items():
+            pace = UNPACED if paces is None else paces.get(account, TrackPace(0))
             self._claim(
                 keys=[
                     k.inflight(account, "create"),
                     k.inflight(account, "track"),
                     k.due(account, "create"),
                     k.due(account, "track"),
+                    k.not_before(account),
+                    k.held(account),
                 ],
-                args=[budget, lease, batch],
+                args=[
+                    budget,
+                    lease,
+                    batch,
+                    pace.polls,
+                    _seconds(pace.starve_after),
+                    1 if pace.pull else 0,
+                    pace.creates,
+                ],
                 client=pipe,
             )
         claims = {}
@@ -284,6 +362,9 @@ class PaymentStore:
                 most_overdue=float(reply[2]),
                 creates=[_text(r) for r in reply[3]],
                 tracks=[_text(r) for r in reply[4]],
+                creates_due=int(reply[5]),
+                tracks_due=int(reply[6]),
+                held_tracks=int(reply[7]),
             )
         return claims
 

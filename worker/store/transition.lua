@@ -4,7 +4,10 @@
 -- KEYS[1] record (hash)   KEYS[2] inflight:create   KEYS[3] inflight:track
 -- KEYS[4] due:create      KEYS[5] due:track         KEYS[6] events stream
 -- KEYS[7] set of the target state
--- KEYS[8..] sets of the allowed source states, in the order of ARGV[3]
+-- KEYS[8] pending:age (ZSET ref -> created_at of each pending payment: the planner's ages)
+-- KEYS[9] not-before of scheduled tracks (ZSET ref -> earliest time an early pull may run it)
+-- KEYS[10] held tracks (ZSET ref -> due time of a track that holds a rate-limit slot)
+-- KEYS[11..] sets of the allowed source states, in the order of ARGV[3]
 -- ARGV[1] reference_id
 -- ARGV[2] target state
 -- ARGV[3] allowed source states, comma separated (same order as KEYS[8..])
@@ -13,8 +16,11 @@
 -- ARGV[6] events maxlen
 -- ARGV[7] guard field ('' for none)   ARGV[8] value the guard field must hold ('' = unset)
 -- ARGV[9] 1 if the state set counts as final (stamp terminal_at), else 0
--- ARGV[10] number N of field increments, then N pairs (field, amount)
--- then field, value pairs to set; a value '$now' or '$now+S' is replaced by the Redis time (+S)
+-- ARGV[10] number N of field increments
+-- ARGV[11] for a next track: seconds from now before which no early pull may run it ('' for
+--          never before its due time; 'held' when it holds a rate-limit slot: due at its
+--          delay whatever the poll pace, never pulled)
+-- then N pairs (field, amount), then field, value pairs to set; a value '$now' or '$now+S' is replaced by the Redis time (+S)
 -- Returns {1, previous state, now, submitted_at, polls, attempts} when moved;
 --         {0, current state} when the state (or the guard) did not allow it; {-1} when no record.
 local t = redis.call('TIME')
@@ -47,7 +53,7 @@ local ref = ARGV[1]
 local target = ARGV[2]
 local updates = {'state', target, 'updated_at', nstr}
 local n_incr = tonumber(ARGV[10])
-local pos = 11
+local pos = 12
 for _ = 1, n_incr do
   redis.call('HINCRBY', KEYS[1], ARGV[pos], ARGV[pos + 1])
   pos = pos + 2
@@ -70,6 +76,8 @@ end
 -- Schedule: the step just run is no longer in flight; the next one (if any) is due.
 redis.call('ZREM', KEYS[2], ref)
 redis.call('ZREM', KEYS[3], ref)
+redis.call('ZREM', KEYS[9], ref)
+redis.call('ZREM', KEYS[10], ref)
 local step = ARGV[4]
 if step == 'create' then
   local at = now + tonumber(ARGV[5])
@@ -81,6 +89,11 @@ elseif step == 'track' then
   local at = now + tonumber(ARGV[5])
   redis.call('ZADD', KEYS[5], at, ref)
   redis.call('ZREM', KEYS[4], ref)
+  if ARGV[11] == 'held' then
+    redis.call('ZADD', KEYS[10], at, ref)
+  elseif ARGV[11] ~= '' then
+    redis.call('ZADD', KEYS[9], now + tonumber(ARGV[11]), ref)
+  end
   table.insert(updates, 'next_at')
   table.insert(updates, string.format('%.6f', at))
 else
@@ -92,8 +105,14 @@ end
 redis.call('HSET', KEYS[1], unpack(updates))
 
 if current ~= target then
-  redis.call('SREM', KEYS[7 + source_index], ref)
+  redis.call('SREM', KEYS[10 + source_index], ref)
   redis.call('SADD', KEYS[7], ref)
+  if target == 'pending' then
+    local created = tonumber(redis.call('HGET', KEYS[1], 'created_at') or '') or now
+    redis.call('ZADD', KEYS[8], created, ref)
+  elseif current == 'pending' then
+    redis.call('ZREM', KEYS[8], ref)
+  end
   local account = redis.call('HGET', KEYS[1], 'account')
   redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[6], '*',
              'account', account, 'reference_id', ref, 'from', current, 'to', target, 'at', nstr,
