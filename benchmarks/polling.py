@@ -261,6 +261,16 @@ def light(args: argparse.Namespace, name: str, merged: bool) -> tuple[list[str],
     wall = time.monotonic() - started
     rows, figures = light_table(results, lifecycle)
     floors = floor_rows(name, figures, premerge=not merged)
+    if "capped" in figures and "fixed" in figures and figures["capped"]["polls"]:
+        # The planner spends about share x rate while anything is pending: the poll count
+        # scales with the share, so one correction lands close.
+        ratio = figures["fixed"]["polls"] / figures["capped"]["polls"]
+        print(
+            f"{name}: capped spent {figures['capped']['polls']} polls, fixed "
+            f"{figures['fixed']['polls']}: to match, re-run with --capped-share "
+            f"{min(1.0, capped * ratio):.3f}",
+            flush=True,
+        )
     text = [
         f"### Poll policies: {name} ({lifecycle.payments} payments on {lifecycle.keys} key)",
         "",
