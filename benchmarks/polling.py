@@ -8,9 +8,12 @@ the environment:
 - planner      PAYPOLL_POLL_POLICY=planner (the new default: share 0.9 of the rate, min gap 1 s)
 - backoff      PAYPOLL_POLL_POLICY=backoff (the old default: 2 s x1.6, cap 20 s, full jitter)
 - fixed        backoff with FIRST_DELAY = MAX_DELAY = I, FACTOR 1, JITTER 0, where I is tuned so
-               a fixed poller spends the backoff schedule's expected poll count on the drawn
+               the pipeline spends the old backoff's expected poll count on the drawn
                lifecycle (the issue's "fixed interval tuned to the same poll count": the old
-               default's; at the planner's count it would poll every ~1-2 s)
+               default's count, as in the issue's own figures; at the planner's count it would
+               poll every ~1-2 s and the capped row would be the planner itself). Both counts
+               from a keyed model of the pipeline (polling_model.sim_keyed); --fixed-interval
+               overrides
 - round_robin  PAYPOLL_POLL_POLICY=round_robin, PAYPOLL_POLL_SHARE=1.0 (flat hazard, whole budget)
 - capped       planner with PAYPOLL_POLL_SHARE chosen so it spends the fixed row's poll count
                (modelled before the run, benchmarks/polling_model.py; --capped-share overrides)

@@ -242,7 +242,7 @@ def floor_rows(
         rows.append((f"{lifecycle}, capped planner vs fixed{note}", measured, wanted, verdict(ok)))
         rows.append(
             (
-                f"{lifecycle}, capped planner spent the fixed interval's polls",
+                f"{lifecycle}, capped planner spent the fixed interval's polls{note}",
                 f"ratio {ratio:.2f}",
                 "0.95-1.05 (else re-run with --capped-share)",
                 verdict(0.95 <= ratio <= 1.05),
