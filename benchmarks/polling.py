@@ -23,12 +23,17 @@ within a minute, 20% after 120-420 s, 20% never pay and expire at 450 s), satura
 pending on 10 keys, seeded with POST /_admin/seed and PaymentStore.register_tracking, then
 measured for --window seconds; the sandbox's 5/s limit stays real throughout).
 
-    .venv/bin/python benchmarks/polling.py --lifecycle uniform      # ~3 min
-    .venv/bin/python benchmarks/polling.py --lifecycle long_tail    # ~8.5 min
-    .venv/bin/python benchmarks/polling.py --lifecycle saturation   # ~45 min (--window 2500)
-    .venv/bin/python benchmarks/polling.py --lifecycle all --write-docs
-    .venv/bin/python benchmarks/polling.py --quick ...              # shorter lifecycles; saturation
-                                                                    # 1,000 on 2 keys for 300 s
+    .venv/bin/python benchmarks/polling.py --lifecycle uniform      # 3 min (measured)
+    .venv/bin/python benchmarks/polling.py --lifecycle long_tail    # 8 min (measured)
+    .venv/bin/python benchmarks/polling.py --lifecycle saturation   # ~44 min (--window 2500 +
+                                                                    # setup; not yet run whole)
+    .venv/bin/python benchmarks/polling.py --lifecycle all --write-docs     # the three, in turn
+    .venv/bin/python benchmarks/polling.py --quick --lifecycle ...  # smoke: uniform 1 min,
+                                  # long_tail 3.5 min, saturation 1,000 on 2 keys 300 s: 5 min
+
+--save FILE keeps every run's raw sandbox stats (JSON). On the code before the planner, the
+backoff pipeline stalls under saturation above ~100 pending per key (the benchmark shows it as
+"never polled" and polls/s near 0).
 
 Until the planner is merged (worker.settings has no poll_policy), its rows run as backoff and
 are labelled so; --write-docs then refuses to write.
@@ -159,6 +164,9 @@ def policies(names: list[str], *, interval: float, capped_share: float) -> list[
     return [table[n] for n in names]
 
 
+SAVED: dict[str, list[dict[str, Any]]] = {}  # lifecycle -> its runs' raw results (--save)
+
+
 def concurrently(jobs: list[Callable[[], None]]) -> None:
     """Run every job in its own thread; re-raise the first failure once all have ended."""
     errors: list[BaseException] = []
@@ -262,6 +270,7 @@ def light(args: argparse.Namespace, name: str, merged: bool) -> tuple[list[str],
         ]
     )
     wall = time.monotonic() - started
+    SAVED[name] = [dataclasses.asdict(r) for r in results]
     rows, figures = light_table(results, lifecycle)
     floors = floor_rows(name, figures, premerge=not merged)
     if "capped" in figures and "fixed" in figures and figures["capped"]["polls"]:
@@ -377,6 +386,7 @@ def saturation(args: argparse.Namespace, merged: bool) -> tuple[list[str], list]
         ]
     )
     wall = time.monotonic() - started
+    SAVED["saturation"] = [dataclasses.asdict(r) for r in results]
     rows, figures = saturation_table(results, sat)
     floors = floor_rows("saturation", figures, premerge=not merged)
     text = [
@@ -418,6 +428,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="shorter lifecycles (a smoke run)")
     parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument(
+        "--save", type=Path, help="write every run's raw sandbox stats here (JSON), to re-read"
+    )
     parser.add_argument("--fixed-interval", type=float, help="seconds (default: tuned)")
     parser.add_argument("--capped-share", type=float, help="(default: modelled)")
     parser.add_argument("--window", type=float, help="saturation: seconds measured")
@@ -465,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
         sections[name] = text
         all_floors += floors
         print("\n".join(text), flush=True)
+        if args.save:
+            args.save.write_text(json.dumps(SAVED))
     print("\nFloors (issue 11):\n" + "\n".join(floors_table(all_floors)))
     if args.write_docs:
         write_docs_section("polling", INTRO)
