@@ -5,7 +5,7 @@ It follows ``shared/api-contract.md``; start it with ``paypoll sandbox --port 0 
 ``sandbox listening on http://HOST:PORT``. Modules: ``cli`` (options), ``config``/``notation``
 (typed settings and their text forms), ``server`` (HTTP), ``state`` (API behaviour),
 ``validation`` (create bodies), ``answers`` (error shapes), ``ratelimit``, ``lifecycle``,
-``faults``, ``stats``.
+``payments`` (a payment and its poll figures), ``faults``, ``stats``.
 
 API behaviour, in the order a request is judged
 ------------------------------------------------
@@ -41,6 +41,11 @@ Admin routes (no auth, never rate limited, not counted)
   restores the start fault settings unless ``keep_faults``.
 - ``POST /_admin/payments/{id}`` with ``{"status": "paid"|"expired"|"cancelled"}`` -> makes a
   non-terminal payment terminal now (for tests); the PaymentRequest.
+- ``POST /_admin/seed`` with ``{"client_id": ID, "count": N, "prefix": "ref-"}`` -> ``{"ids":
+  [...]}``: makes N (1..100,000) payments of that client now, as N creates would (ids, drawn
+  plans, ``creates_by_reference`` with references prefix + 0, 1, ...), without going through
+  the API: no rate limit, no request counted. For benchmarks that need 50,000 payments in
+  tracking while the key's limit stays real. 400 naming the field on a bad body.
 - ``GET /pay/{id}``: the payer's hosted page (HTML; the ``url`` of a PaymentRequest).
 
 Stats document (``GET /_admin/stats``)
@@ -50,8 +55,8 @@ Stats document (``GET /_admin/stats``)
     {
       "now": float,                       # server time.time() when computed
       "config": {clients: [id...], rate, limit_mode, retry_after, token_ttl, seed, pay_after,
-                 outcomes, stay_pending, expire_after, unknown_status, unknown_status_name,
-                 max_amount},            # no secrets
+                 pay_after_tail ([share, min, max]), outcomes, stay_pending, expire_after,
+                 unknown_status, unknown_status_name, max_amount},            # no secrets
       "faults": {...},                    # current fault settings (POST /_admin/faults shape)
       "clients": {
         client_id: {                      # "(anonymous)" for requests without a usable key
@@ -67,6 +72,12 @@ Stats document (``GET /_admin/stats``)
           "max_requests_in_1s": int,      # the same, refused requests included
           "token_calls": int,             # POST /oauth/token requests, any status
           "faults": {"error"|"drop"|"malformed": count},   # faults injected
+          "polls": int,                   # GETs of its own payments that were processed
+          "first_poll_at", "last_poll_at": float | null,   # arrivals of the first/last of them
+          "polls_per_second": {"start": int, "counts": [int]}
+                                          # only with ?times=1: those polls per whole second
+                                          # of the clock, counts[i] for second start + i
+                                          # (the last 86,400 s up to the latest poll)
           "accepted_times": [float]       # only with ?times=1: arrival times of accepted ones
           "rate_limited_times": [float]   # only with ?times=1: arrival times of refused ones
         }
@@ -82,7 +93,9 @@ Stats document (``GET /_admin/stats``)
              "created_at", "terminal_at" (epoch s it became terminal, null if not yet),
              "planned_terminal_at", "unknown_status_at" (null if none),
              "first_seen_terminal_at" (first well-formed 200 GET showing a terminal status,
-             or null)}
+             or null), "first_poll_at", "last_poll_at" (arrival of its first/last poll, or
+             null), "max_poll_gap" (largest time between two consecutive polls, 0 with fewer
+             than two)}
       },
       "dropped_creates": [{"client_id", "reference_id", "payment_id"}]
     }

@@ -21,6 +21,7 @@ from worker.sandbox.notation import (
     parse_per_endpoint,
     parse_range,
     parse_share,
+    parse_tail,
 )
 from worker.sandbox.server import make_server
 
@@ -29,7 +30,8 @@ DESCRIPTION = (
     "A faithful local emulator of the Alternative Payments API: OAuth client_credentials, "
     "payment requests on both documented paths, a per-API-key rate limit (sliding, fixed or "
     "bucket), a seeded payment lifecycle, fault injection, and admin routes "
-    "(GET /_admin/stats, POST /_admin/faults, POST /_admin/reset, POST /_admin/payments/ID). "
+    "(GET /_admin/stats, POST /_admin/faults, POST /_admin/reset, POST /_admin/payments/ID, "
+    "POST /_admin/seed). "
     "Prints one line 'sandbox listening on http://HOST:PORT' to stdout once it accepts "
     "connections. Fault shares take one value for every endpoint or "
     "'token=S,create=S,get=S'."
@@ -138,6 +140,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="seconds from creation until the payment reaches its outcome",
     )
     life.add_argument(
+        "--pay-after-tail",
+        type=_arg(parse_tail),
+        default="0:0:0",
+        metavar="SHARE:MIN:MAX",
+        help="a long tail: this SHARE of the payers (those not --stay-pending) reach their "
+        "outcome uniformly MIN..MAX s after creation instead of --pay-after",
+    )
+    life.add_argument(
         "--outcomes",
         type=_arg(parse_outcomes),
         default=",".join(f"{k}={v:g}" for k, v in cfg.OUTCOME_WEIGHTS.items()),
@@ -240,6 +250,7 @@ def config_from_args(args: argparse.Namespace) -> SandboxConfig:
         token_ttl=args.token_ttl,
         seed=args.seed,
         pay_after=args.pay_after,
+        pay_after_tail=args.pay_after_tail,
         outcomes=args.outcomes,
         stay_pending=args.stay_pending,
         expire_after=args.expire_after,

@@ -19,6 +19,7 @@ DEFAULT_CLIENT = ("sandbox-client", "sandbox-secret")  # used when no --client i
 RATE = 5.0  # requests per second per API key (api-contract.md)
 TOKEN_TTL = 3600.0  # seconds; the API's documented expires_in
 PAY_AFTER = (1.0, 5.0)  # seconds from creation to the drawn outcome
+NO_TAIL = (0.0, 0.0, 0.0)  # (share, min, max) of --pay-after-tail: no payer in a tail
 OUTCOME_WEIGHTS = {"paid": 0.8, "expired": 0.1, "cancelled": 0.1}
 EXPIRE_AFTER = 600.0  # seconds a "stay pending" payment waits before it expires
 UNKNOWN_STATUS_NAME = "processing"  # an undocumented status, for tolerance tests
@@ -44,6 +45,7 @@ class SandboxConfig:
     token_ttl: float = TOKEN_TTL
     seed: int = 0
     pay_after: tuple[float, float] = PAY_AFTER
+    pay_after_tail: tuple[float, float, float] = NO_TAIL
     outcomes: Mapping[str, float] = dataclasses.field(default_factory=lambda: dict(OUTCOME_WEIGHTS))
     stay_pending: float = 0.0
     expire_after: float = EXPIRE_AFTER
@@ -66,8 +68,10 @@ class SandboxConfig:
             raise ValueError("token ttl must be > 0")
         if not self.clients:
             raise ValueError("at least one client is needed")
-        for share in (self.stay_pending, self.unknown_status):
+        for share in (self.stay_pending, self.unknown_status, self.pay_after_tail[0]):
             check_share(share)
+        if not 0 <= self.pay_after_tail[1] <= self.pay_after_tail[2]:
+            raise ValueError("pay-after-tail needs 0 <= MIN <= MAX")
         if self.expire_after < 0:
             raise ValueError("expire-after must be >= 0")
 
@@ -81,6 +85,7 @@ class SandboxConfig:
             "token_ttl": self.token_ttl,
             "seed": self.seed,
             "pay_after": list(self.pay_after),
+            "pay_after_tail": list(self.pay_after_tail),
             "outcomes": dict(self.outcomes),
             "stay_pending": self.stay_pending,
             "expire_after": self.expire_after,

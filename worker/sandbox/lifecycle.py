@@ -24,6 +24,9 @@ class LifecycleSettings:
     expire_after: float
     unknown_status: float  # share that passes through an undocumented status first
     unknown_status_name: str
+    # (share, min, max): that share of the payers (those not staying pending) reach their
+    # outcome uniformly in [min, max] s instead of ``pay_after``: a long tail (issue 11).
+    pay_after_tail: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,16 +51,20 @@ def draw_plan(
 ) -> Plan:
     """The plan of the ``index``-th payment created since start (or the last reset).
 
-    Always draws the same four numbers, so one payment's draw never shifts another's. The
-    undocumented status, when drawn, shows from halfway between creation and the outcome.
+    Always draws the same five numbers, so one payment's draw never shifts another's, and a
+    payment's draw with no tail is what it was before the tail existed (the fifth number is
+    drawn last). The undocumented status, when drawn, shows from halfway between creation and
+    the outcome.
     """
     rng = random.Random(f"paypoll-sandbox/{seed}/{generation}/{index}")
     stays, pick, delay, unknown = rng.random(), rng.random(), rng.random(), rng.random()
+    tail = rng.random()
     if stays < settings.stay_pending:
         outcome, after = "expired", settings.expire_after
     else:
         outcome = _weighted(settings.outcomes, pick)
-        low, high = settings.pay_after
+        tail_share, tail_low, tail_high = settings.pay_after_tail
+        low, high = (tail_low, tail_high) if tail < tail_share else settings.pay_after
         after = low + (high - low) * delay
     terminal_at = created_at + after
     unknown_from = None

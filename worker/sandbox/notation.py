@@ -1,6 +1,7 @@
 """Parsers for the sandbox's option notations (command line and ``POST /_admin/faults``).
 
 - a range ``MIN:MAX`` (or a single number, meaning ``MIN=MAX``);
+- a tail ``SHARE:MIN:MAX`` (a share in [0, 1] and a range);
 - a share in [0, 1];
 - a per-endpoint value: either one value for every endpoint, or ``token=V,create=V,get=V``
   (endpoints not named get the zero value, i.e. no fault);
@@ -44,6 +45,15 @@ def parse_range(text: str) -> tuple[float, float]:
     if not 0 <= low <= high:
         raise ValueError(f"expected 0 <= MIN <= MAX, got {text!r}")
     return (low, high)
+
+
+def parse_tail(text: str) -> tuple[float, float, float]:
+    """``SHARE:MIN:MAX`` as (share, min, max): a share in [0, 1] and a range as parse_range."""
+    share_text, sep, range_text = text.partition(":")
+    if not sep or ":" not in range_text:
+        raise ValueError(f"expected SHARE:MIN:MAX, got {text!r}")
+    low, high = parse_range(range_text)
+    return (parse_share(share_text), low, high)
 
 
 def parse_client(text: str) -> tuple[str, str]:

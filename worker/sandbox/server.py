@@ -228,6 +228,8 @@ class SandboxHandler(BaseHTTPRequestHandler):
             if path == "/_admin/reset":
                 sandbox.reset(keep_faults=bool(data.get("keep_faults", False)))
                 return json_answer(200, {"reset": True})
+            if path == "/_admin/seed":
+                return json_answer(200, {"ids": _seed(sandbox, data)})
             if path.startswith("/_admin/payments/"):
                 payment_id = path.rsplit("/", 1)[1]
                 try:
@@ -273,6 +275,18 @@ def _not_allowed(allowed: str) -> Answer:
     answer = json_answer(405, error_body("method_not_allowed", f"Use {allowed}"))
     answer.headers.append(("Allow", allowed))
     return answer
+
+
+def _seed(sandbox: Sandbox, data: dict[str, Any]) -> list[str]:
+    """``POST /_admin/seed``: the body's fields checked, then Sandbox.seed."""
+    client_id, count, prefix = data.get("client_id"), data.get("count"), data.get("prefix", "")
+    if not isinstance(client_id, str):
+        raise ValueError("client_id: a string is required")
+    if not isinstance(count, int) or isinstance(count, bool):
+        raise ValueError("count: an integer is required")
+    if not isinstance(prefix, str):
+        raise ValueError("prefix: must be a string")
+    return sandbox.seed(client_id, count, prefix)
 
 
 def make_server(config: SandboxConfig) -> SandboxServer:

@@ -25,42 +25,17 @@ from worker.sandbox.answers import Answer, ApiError, json_answer, malformed_body
 from worker.sandbox.config import SandboxConfig
 from worker.sandbox.faults import NO_FAULT, FaultDraw, FaultSettings, draw_faults
 from worker.sandbox.lifecycle import TERMINAL, LifecycleSettings, Plan, draw_plan
+from worker.sandbox.payments import Payment
 from worker.sandbox.ratelimit import Limiter, make_limiter, retry_after_seconds
 from worker.sandbox.stats import ClientStats
 from worker.sandbox.validation import parse_create
 
 ANONYMOUS = "(anonymous)"  # stats key for requests that name no API key we can tell
 TOKEN_ROUTE = "POST /oauth/token"  # noqa: S105 (a route, not a password)
+MAX_SEED = 100_000  # payments one POST /_admin/seed may create (the lock is held meanwhile)
+SEED_AMOUNT = "10"  # what a seeded payment was created with
+SEED_REDIRECT_URL = "https://shop.example/thanks"
 _PAYMENT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-@dataclasses.dataclass
-class Payment:
-    """One payment request, as the sandbox keeps it."""
-
-    id: str
-    client_id: str
-    reference_id: str | None
-    amount: str
-    currency: str
-    redirect_url: str
-    url: str
-    created_at: float
-    plan: Plan
-    polls: int = 0
-    first_seen_terminal_at: float | None = None
-
-    def view(self, status: str) -> dict[str, Any]:
-        """The PaymentRequest body (documented fields, then extra ones)."""
-        return {
-            "id": self.id,
-            "reference_id": self.reference_id,
-            "status": status,
-            "url": self.url,
-            "redirect_url": self.redirect_url,
-            "amount": self.amount,
-            "currency": self.currency,
-        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +52,7 @@ class Sandbox:
         self.base_url = base_url  # for the hosted-page ``url``; set once the port is known
         self._lifecycle = LifecycleSettings(
             pay_after=config.pay_after,
+            pay_after_tail=config.pay_after_tail,
             outcomes=dict(config.outcomes),
             stay_pending=config.stay_pending,
             expire_after=config.expire_after,
@@ -247,6 +223,31 @@ class Sandbox:
     # ---------------------------------------------------------------- payments
     def _create(self, client_id: str, body: bytes, now: float, *, drop: bool) -> Answer:
         request = parse_create(body, max_amount=self.config.max_amount)
+        payment = self._new_payment(
+            client_id,
+            reference_id=request.reference_id,
+            amount=request.amount,
+            currency=request.currency,
+            redirect_url=request.redirect_url,
+            now=now,
+        )
+        if drop:
+            dropped = {"client_id": client_id, "reference_id": request.reference_id}
+            self._dropped.append({**dropped, "payment_id": payment.id})
+            return Answer(status=200, drop=True)
+        return json_answer(200, payment.view(self._status(payment, now)))
+
+    def _new_payment(
+        self,
+        client_id: str,
+        *,
+        reference_id: str | None,
+        amount: str,
+        currency: str,
+        redirect_url: str,
+        now: float,
+    ) -> Payment:
+        """Make, draw and keep the next payment (its id and plan follow the creation index)."""
         index = len(self._payments)
         digest = hashlib.sha256(
             f"{self.config.seed}/{self._generation}/{index}".encode()
@@ -262,28 +263,19 @@ class Sandbox:
         payment = Payment(
             id=payment_id,
             client_id=client_id,
-            reference_id=request.reference_id,
-            amount=request.amount,
-            currency=request.currency,
-            redirect_url=request.redirect_url,
+            reference_id=reference_id,
+            amount=amount,
+            currency=currency,
+            redirect_url=redirect_url,
             url=f"{self.base_url}/pay/{payment_id}",
             created_at=now,
             plan=plan,
         )
         self._payments[payment_id] = payment
-        if request.reference_id is not None:
+        if reference_id is not None:
             by_ref = self._creates_by_reference.setdefault(client_id, {})
-            by_ref[request.reference_id] = by_ref.get(request.reference_id, 0) + 1
-        if drop:
-            self._dropped.append(
-                {
-                    "client_id": client_id,
-                    "reference_id": request.reference_id,
-                    "payment_id": payment_id,
-                }
-            )
-            return Answer(status=200, drop=True)
-        return json_answer(200, payment.view(self._status(payment, now)))
+            by_ref[reference_id] = by_ref.get(reference_id, 0) + 1
+        return payment
 
     def _get(self, client_id: str, payment_id: str, now: float, draw: FaultDraw) -> Answer:
         if not _PAYMENT_ID.match(payment_id):
@@ -292,7 +284,8 @@ class Sandbox:
         if payment is None or payment.client_id != client_id:
             # Another key's payment is not revealed: same answer as an unknown id.
             raise ApiError(404, "not_found", "Payment request not found")
-        payment.polls += 1
+        payment.polled(now)
+        self._client_stats(client_id).polled(now)
         status = self._status(payment, now)
         if status in TERMINAL and payment.first_seen_terminal_at is None and not draw.malformed:
             payment.first_seen_terminal_at = now
@@ -323,6 +316,29 @@ class Sandbox:
         with self._lock:
             self._generation += 1
             self._init_state(self.faults if keep_faults else self.config.faults)
+
+    def seed(self, client_id: str, count: int, reference_prefix: str) -> list[str]:
+        """Create ``count`` payments of ``client_id`` now, as its creates would (same ids,
+        plans and create counts), but outside the API: no rate limit, no request counted.
+        References are ``reference_prefix`` + 0, 1, ...; returns the payment ids in order.
+        ValueError naming the field if the client is unknown or the count out of range."""
+        if client_id not in self.config.clients:
+            raise ValueError("client_id: not a client of this sandbox")
+        if not 1 <= count <= MAX_SEED:
+            raise ValueError(f"count: must be an integer in [1, {MAX_SEED}]")
+        with self._lock:
+            now = time.time()
+            return [
+                self._new_payment(
+                    client_id,
+                    reference_id=f"{reference_prefix}{i}",
+                    amount=SEED_AMOUNT,
+                    currency="USD",
+                    redirect_url=SEED_REDIRECT_URL,
+                    now=now,
+                ).id
+                for i in range(count)
+            ]
 
     def force_status(self, payment_id: str, status: str) -> dict[str, Any]:
         """Make a payment terminal now with ``status`` (for tests); KeyError if unknown."""
@@ -363,20 +379,7 @@ class Sandbox:
             return data
 
     def _payment_stats(self, payment: Payment, now: float) -> dict[str, Any]:
-        status = self._status(payment, now)
-        plan = payment.plan
-        return {
-            "client_id": payment.client_id,
-            "reference_id": payment.reference_id,
-            "status": status,
-            "outcome": plan.outcome,
-            "polls": payment.polls,
-            "created_at": payment.created_at,
-            "terminal_at": plan.terminal_at if status in TERMINAL else None,
-            "planned_terminal_at": plan.terminal_at,
-            "unknown_status_at": plan.unknown_from,
-            "first_seen_terminal_at": payment.first_seen_terminal_at,
-        }
+        return payment.stats(self._status(payment, now))
 
 
 def _basic_credentials(authorization: str) -> tuple[str, str] | None:

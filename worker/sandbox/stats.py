@@ -7,7 +7,11 @@ same half-open windows (t - 1 s, t] as the sliding limiter.
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from typing import Any
+
+PER_SECOND_KEPT = 86_400  # seconds of per-second poll counts kept per client (a day)
 
 
 class WindowMax:
@@ -46,6 +50,31 @@ class WindowMax:
         return best
 
 
+class PerSecond:
+    """Counts per whole second of the clock, for the last ``kept`` seconds up to the latest
+    one counted: bounded by the run's length, never by the number of events."""
+
+    def __init__(self, kept: int = PER_SECOND_KEPT) -> None:
+        self.counts: deque[int] = deque(maxlen=kept)
+        self.last = 0  # the second counts[-1] counts (floor of epoch seconds)
+
+    def add(self, at: float) -> None:
+        second = math.floor(at)
+        counts = self.counts
+        if not counts or second > self.last:
+            gap = min(second - self.last - 1, counts.maxlen or 0) if counts else 0
+            counts.extend([0] * gap)
+            counts.append(1)
+            self.last = second
+            return
+        back = self.last - second  # an arrival judged after a later one (threads)
+        if back < len(counts):
+            counts[len(counts) - 1 - back] += 1
+
+    def public(self) -> dict[str, Any]:
+        return {"start": self.last - len(self.counts) + 1, "counts": list(self.counts)}
+
+
 class ClientStats:
     """Counts for one client_id (or ``ANONYMOUS`` for requests no key could be told for)."""
 
@@ -58,6 +87,19 @@ class ClientStats:
         self.accepted = WindowMax()
         self.arrivals = WindowMax()
         self.refused_times: list[float] = []
+        self.polls = 0
+        self.first_poll_at: float | None = None
+        self.last_poll_at: float | None = None
+        self.polls_per_second = PerSecond()
+
+    def polled(self, at: float) -> None:
+        """A poll (GET of one of this client's payments) arrived at ``at`` and was processed."""
+        self.polls += 1
+        if self.first_poll_at is None or at < self.first_poll_at:
+            self.first_poll_at = at
+        if self.last_poll_at is None or at > self.last_poll_at:
+            self.last_poll_at = at
+        self.polls_per_second.add(at)
 
     def arrival(self, at: float, *, accepted: bool) -> None:
         """A request reached the limiter at ``at`` and was accepted (or refused with 429)."""
@@ -87,8 +129,12 @@ class ClientStats:
             "max_requests_in_1s": self.arrivals.maximum,
             "token_calls": self.token_calls,
             "faults": dict(self.faults),
+            "polls": self.polls,
+            "first_poll_at": self.first_poll_at,
+            "last_poll_at": self.last_poll_at,
         }
         if times:
+            data["polls_per_second"] = self.polls_per_second.public()
             data["accepted_times"] = list(self.accepted.times)
             data["rate_limited_times"] = list(self.refused_times)
         return data
