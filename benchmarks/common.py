@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests import fleet_harness  # noqa: E402
-from tests.redis_server import RedisServer, free_port  # noqa: E402
+from tests.redis_server import RedisServer, free_port, redis_binary  # noqa: E402
 from tests.sandbox_fixture import RunningSandbox  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -55,11 +55,8 @@ def _git(*args: str) -> str:
 def machine() -> str:
     """One line: cores, Python, Redis version, and the load average when the run started."""
     load = Path("/proc/loadavg").read_text().split()[:3]
-    redis_version = (
-        subprocess.run(["redis-server", "--version"], capture_output=True, text=True, check=False)
-        .stdout.split()[2]
-        .removeprefix("v=")
-    )
+    chosen, _ = redis_binary()
+    redis_version = ".".join(map(str, chosen.version or ())) if chosen else "none"
     commit = _git("rev-parse", "--short", "HEAD")
     dirty = _git("status", "--porcelain", "worker")
     return (

@@ -27,7 +27,7 @@ from tests.chaos_harness import (
     run_cli,
     write_accounts,
 )
-from tests.redis_server import free_port
+from tests.redis_server import free_port, redis_server_binary
 from tests.sandbox_fixture import RunningSandbox
 from tests.waiting import wait_until
 from worker import defaults
@@ -38,7 +38,7 @@ from worker.settings import load_accounts_file, load_settings
 
 PASSWORD = "redis-pw-Zq8sK2mX91"
 
-needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+needs_redis = pytest.mark.skipif(redis_server_binary() is None, reason="needs redis-server >= 7.0")
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 
 
@@ -134,9 +134,11 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A redis-server speaking only TLS, with a password; (rediss:// URL, CA file)."""
     ca, crt, key = _make_certs(tmp_path)
     port = free_port()
+    binary = redis_server_binary()
+    assert binary is not None  # needs_redis
     process = subprocess.Popen(
         [
-            "redis-server",
+            binary,
             "--port",
             "0",
             "--tls-port",
