@@ -21,6 +21,7 @@ import requests
 import structlog
 from redis import Redis, RedisError
 
+from worker import metrics
 from worker.api.auth import IssuedToken, TokenCache, parse_token
 from worker.api.call_log import record_call
 from worker.api.limiting import Limiter, UnlimitedLimiter
@@ -200,18 +201,26 @@ class ApiClient:
             "Content-Type": "application/x-www-form-urlencoded",
             "Accept": "application/json",
         }
-        return self._exchange(
-            account,
-            "token",
-            "POST",
-            self._base + TOKEN_PATH,
-            parse_token,
-            headers=headers,
-            form_body="grant_type=client_credentials",
-            max_wait=max_wait,
-            attempt=1,
-            hold=self._take_hold(),
-        )
+        try:
+            return self._exchange(
+                account,
+                "token",
+                "POST",
+                self._base + TOKEN_PATH,
+                parse_token,
+                headers=headers,
+                form_body="grant_type=client_credentials",
+                max_wait=max_wait,
+                attempt=1,
+                hold=self._take_hold(),
+            )
+        except SlotMissed:
+            raise  # our own lateness (a starved CPU), not the token service's: counted as such
+        except ApiError as exc:
+            # Feeds the token-failure panel and alerts (403: PaypollCredentialsRefused). The
+            # label is the status or the error's class, never its text.
+            metrics.record_token_failure(account.name, exc.outcome)
+            raise
 
     def _take_hold(self) -> float | None:
         """The slot held for this thread's current call, once: whichever of its exchanges books
