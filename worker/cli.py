@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "status": "worker.commands.status",
     "list": "worker.commands.listing",
     "resolve": "worker.commands.resolve",
+    "doctor": "worker.commands.doctor",
     "sandbox": "worker.sandbox.cli",
     "demo": "worker.demo.cli",
 }

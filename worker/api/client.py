@@ -187,6 +187,14 @@ class ApiClient:
 
         return self._authorized(acct, "get", "GET", url, parse, max_wait=max_wait, hold=hold)
 
+    def check_credentials(self, account: str, *, max_wait: float | None = None) -> float:
+        """One fresh token call for ``account`` through the limiter, bypassing and leaving the
+        shared token cache as it is (`paypoll doctor`): the seconds the issued token is valid.
+        Raises CredentialsRefused (403) and the errors of any call; never returns the token."""
+        issued = self._fetch_token(self._settings.account(account), max_wait)
+        register_secret(issued.access_token)
+        return issued.expires_in
+
     # --- inside ---------------------------------------------------------------------------------
 
     @staticmethod
