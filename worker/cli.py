@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "list": "worker.commands.listing",
     "resolve": "worker.commands.resolve",
     "doctor": "worker.commands.doctor",
+    "top": "worker.commands.top",
     "sandbox": "worker.sandbox.cli",
     "demo": "worker.demo.cli",
 }
