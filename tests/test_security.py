@@ -20,13 +20,8 @@ import pytest
 import redis
 import requests
 
-from tests.chaos_harness import (
-    FleetProcess,
-    base_env,
-    make_accounts,
-    run_cli,
-    write_accounts,
-)
+from tests.chaos_harness import base_env, make_accounts, run_cli, write_accounts
+from tests.fleet_harness import RunningFleet
 from tests.redis_server import free_port, redis_server_binary
 from tests.sandbox_fixture import RunningSandbox
 from tests.waiting import wait_until
@@ -208,7 +203,7 @@ def test_fleet_over_tls_redis_with_password_and_a_refused_account(
             "PAYPOLL_SWEEP_INTERVAL": "0.25",
         }
     )
-    fleet = FleetProcess(env, tmp_path / "fleet.log", threads=4)
+    fleet = RunningFleet(env, threads=4, log_path=tmp_path / "fleet.log")
     try:
         fleet.wait_ready(timeout=60)
         outputs = []
