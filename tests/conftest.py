@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import faulthandler
 import os
-import shutil
 import uuid
 from collections.abc import Generator, Iterator
 
 import pytest
 import redis
 
-from tests.redis_server import HOW_TO_GET_REDIS, RedisServer
+from tests.redis_server import HOW_TO_GET_REDIS, RedisServer, redis_binary, redis_server_binary
 from worker.keys import Keys
 
 #: Seconds a test's teardown may take before the run ends with every thread's stack.
@@ -62,10 +61,15 @@ def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
         faulthandler.cancel_dump_traceback_later()
 
 
+def pytest_report_header() -> str:
+    """Which redis-server the private servers run (issue 15: an old one once shadowed it)."""
+    return redis_binary()[1]
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """URL of the Redis the tests use: a private server, else ``PAYPOLL_REDIS_URL``."""
-    if shutil.which("redis-server"):
+    if redis_server_binary():
         server = RedisServer()
         server.start()
         try:
@@ -75,7 +79,7 @@ def redis_url() -> Iterator[str]:
         return
     url = os.environ.get("PAYPOLL_REDIS_URL")
     if not url:
-        pytest.exit(HOW_TO_GET_REDIS, returncode=2)
+        pytest.exit(f"{redis_binary()[1]}. {HOW_TO_GET_REDIS}", returncode=2)
     try:
         redis.Redis.from_url(url).ping()
     except redis.RedisError as exc:

@@ -1,4 +1,8 @@
-"""Run real `paypoll worker` fleets for tests: environment, start, SIGKILL, stop, no orphans."""
+"""Run real `paypoll worker` fleets: environment, start, SIGKILL, stop, no orphans.
+
+The one fleet-starting helper of the tests, the chaos runs (tests/chaos_harness.py) and the
+benchmarks (benchmarks/common.py's FleetProcess is a thin subclass of :class:`RunningFleet`).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,12 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
+
+import requests
 
 from tests.redis_server import free_port
+from tests.waiting import wait_until
 
 
 def write_accounts_file(
@@ -73,44 +81,159 @@ def paypoll_env(
     return env
 
 
-class RunningFleet:
-    """One `paypoll worker` process (a supervisor and its worker processes)."""
+ROOT = Path(__file__).resolve().parent.parent
 
-    def __init__(self, env: Mapping[str, str], *, processes: int = 1, threads: int = 8) -> None:
-        self.log = tempfile.NamedTemporaryFile(prefix="paypoll-fleet-", suffix=".log", delete=False)  # noqa: SIM115
+
+def paypoll_command() -> list[str]:
+    """The ``paypoll`` console script of this interpreter's environment."""
+    script = Path(sys.executable).parent / "paypoll"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "worker.cli"]
+
+
+def _ppid_and_cmdline(pid: int) -> tuple[int, str] | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return None
+    # The command name is in parentheses and may hold spaces: ppid is the 2nd field after it.
+    ppid = int(stat.rsplit(")", 1)[1].split()[1])
+    return ppid, cmdline
+
+
+def worker_children(pid: int) -> list[int]:
+    """Pids of the spawned worker processes of fleet ``pid`` (not multiprocessing helpers such
+    as the resource tracker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        info = _ppid_and_cmdline(int(entry.name))
+        if info and info[0] == pid and "spawn_main" in info[1]:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class RunningFleet:
+    """One `paypoll worker` process (a supervisor and its worker processes), for tests, the
+    chaos runs and the benchmarks alike.
+
+    Its output (JSON logs) goes to ``log_path`` (appended; default a temp file, removed by
+    :func:`running_fleet`). ``metrics_port`` defaults to the env's ``PAYPOLL_METRICS_PORT``, else
+    a free one; ``metrics=False`` runs it with ``--no-metrics``; ``metrics_dir`` sets
+    ``PAYPOLL_METRICS_DIR``. The fleet runs in its own session, so :meth:`kill` and
+    :meth:`stop` can reach every process it started.
+    """
+
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        *,
+        processes: int = 1,
+        threads: int = 8,
+        log_path: Path | None = None,
+        metrics: bool = True,
+        metrics_port: int | None = None,
+        metrics_dir: Path | None = None,
+    ) -> None:
+        if log_path is None:
+            fd, name = tempfile.mkstemp(prefix="paypoll-fleet-", suffix=".log")
+            os.close(fd)
+            log_path = Path(name)
+        self.log_path = log_path
+        self.processes = processes
+        self.metrics_port = metrics_port or int(env.get("PAYPOLL_METRICS_PORT") or free_port())
+        full_env = {**env, "PAYPOLL_METRICS_PORT": str(self.metrics_port)}
+        if metrics_dir is not None:
+            full_env["PAYPOLL_METRICS_DIR"] = str(metrics_dir)
+        self._log = log_path.open("ab")
         self.process = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "worker.cli",
+                *paypoll_command(),
                 "worker",
                 "--processes",
                 str(processes),
                 "--threads",
                 str(threads),
+                *([] if metrics else ["--no-metrics"]),
             ],
-            env=dict(env),
-            stdout=self.log,
+            env=full_env,
+            stdout=self._log,
             stderr=subprocess.STDOUT,
+            cwd=ROOT,
             start_new_session=True,  # its own process group: killed as a whole at the end
         )
+        self.pid = self.process.pid
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def output(self) -> str:
         """Everything the fleet logged so far."""
-        return Path(self.log.name).read_text(errors="replace")
+        return self.log_path.read_text(errors="replace")
+
+    log = output
+
+    def children(self) -> list[int]:
+        """PIDs of the worker processes running now (never the resource tracker)."""
+        return worker_children(self.pid)
 
     def workers(self) -> list[int]:
-        """PIDs of the worker processes that said they started and are still alive.
-
-        (The supervisor has another child, multiprocessing's resource tracker: never it.)
-        """
+        """PIDs of the worker processes that said they started and are still alive."""
         pids = []
         for line in self.output().splitlines():
             if '"worker.started"' in line:
                 pid = int(json.loads(line)["pid"])
-                if Path(f"/proc/{pid}").exists():
+                if pid_alive(pid):
                     pids.append(pid)
         return pids
+
+    def _check_running(self) -> None:
+        if self.process.poll() is not None:
+            raise AssertionError(
+                f"fleet exited with {self.process.returncode}:\n{self.output()[-3000:]}"
+            )
+
+    def wait_started(self, workers: int | None = None, timeout: float = 30.0) -> list[int]:
+        """Wait until ``workers`` (default: all) worker processes logged that they started and
+        run; their PIDs."""
+        want = self.processes if workers is None else workers
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_running()
+            started = self.output().count('"worker.started"')
+            pids = self.children()
+            if started >= want and len(pids) >= want:
+                return pids
+            if time.monotonic() > deadline:
+                raise AssertionError(f"fleet did not start in {timeout}s:\n{self.output()[-3000:]}")
+            time.sleep(0.05)
+
+    def wait_ready(self, timeout: float = 30.0) -> int:
+        """Wait until a worker process runs and the metrics endpoint answers; its PID."""
+
+        def ready() -> int | None:
+            self._check_running()
+            kids = self.children()
+            if not kids:
+                return None
+            try:
+                requests.get(self.metrics_url, timeout=1).raise_for_status()
+            except requests.RequestException:
+                return None
+            return kids[0]
+
+        return wait_until(ready, timeout=timeout, interval=0.1, what="fleet ready")
 
     def kill_worker(self) -> int | None:
         """SIGKILL one worker process (the supervisor restarts it); its PID, or None."""
@@ -120,14 +243,19 @@ class RunningFleet:
                 return pid
         return None
 
-    def kill(self) -> None:
-        """SIGKILL the whole fleet: supervisor and workers at once."""
+    def kill(self, *, supervisor_only: bool = False) -> None:
+        """SIGKILL the whole fleet at once, or with ``supervisor_only`` the supervisor alone (its
+        worker processes must then die by themselves: PDEATHSIG, which the chaos runs check)."""
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
+            if supervisor_only:
+                self.process.kill()
+            else:
+                os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(10)
 
     def stop(self, timeout: float = 40.0) -> int:
-        """SIGTERM the supervisor and wait; SIGKILL the group if it does not stop in time."""
+        """SIGTERM the supervisor and wait; SIGKILL the group if it does not stop in time, and
+        whatever of the group is left once it has (nothing, when the fleet stops cleanly)."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -136,28 +264,23 @@ class RunningFleet:
                 self.kill()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        self.log.close()
+        self._log.close()
         return int(self.process.returncode)
 
 
 @contextlib.contextmanager
-def running_fleet(env: Mapping[str, str], **kwargs: int) -> Iterator[RunningFleet]:
+def running_fleet(env: Mapping[str, str], **kwargs: Any) -> Iterator[RunningFleet]:
     """A started fleet, stopped (and its process group killed) on exit."""
     fleet = RunningFleet(env, **kwargs)
     try:
         yield fleet
     finally:
         fleet.stop()
-        with contextlib.suppress(OSError):
-            os.unlink(fleet.log.name)
+        if "log_path" not in kwargs:
+            with contextlib.suppress(OSError):
+                fleet.log_path.unlink()
 
 
 def wait_started(fleet: RunningFleet, workers: int, timeout: float = 30.0) -> None:
-    """Wait until ``workers`` worker processes logged that they started."""
-    deadline = time.monotonic() + timeout
-    while fleet.output().count('"worker.started"') < workers:
-        if fleet.process.poll() is not None:
-            raise AssertionError(f"fleet exited early:\n{fleet.output()[-3000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"fleet did not start in {timeout}s:\n{fleet.output()[-3000:]}")
-        time.sleep(0.05)
+    """Wait until ``workers`` worker processes logged that they started (and run)."""
+    fleet.wait_started(workers, timeout)

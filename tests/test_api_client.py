@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import redis
 import structlog
+from prometheus_client import REGISTRY
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -202,15 +203,24 @@ def test_404_not_found(sandbox_factory: Factory, make_client: Callable[..., Any]
     assert (caught.value.status, caught.value.endpoint) == (404, "get")
 
 
+def _token_failures(account: str, reason: str) -> float:
+    """This process's paypoll_token_failures_total{account, reason} (0 when absent)."""
+    labels = {"account": account, "reason": reason}
+    return REGISTRY.get_sample_value("paypoll_token_failures_total", labels) or 0.0
+
+
 def test_403_bad_secret_is_credentials_refused(
     sandbox_factory: Factory, make_client: Callable[..., Any], redis_client: redis.Redis
 ) -> None:
     sandbox = _start(sandbox_factory)
     wrong = "wrong-secret-a1b2c3d4e5"
     client, _ = make_client(sandbox.url, secret=wrong)
+    before = _token_failures("acme", "403")
     with pytest.raises(CredentialsRefused) as caught:
         _create(client)
     exc = caught.value
+    # Counted for the dashboard and PaypollCredentialsRefused (issue 15: it never was).
+    assert _token_failures("acme", "403") == before + 1
     assert (exc.status, exc.endpoint, exc.account) == (403, "token", "acme")
     assert wrong not in str(exc)
     assert wrong not in repr(exc)
@@ -369,9 +379,11 @@ def test_dropped_create_is_ambiguous(
 
 def test_connection_refused_is_not_sent(make_client: Callable[..., Any]) -> None:
     client, _ = make_client(f"http://127.0.0.1:{free_port()}")
+    before = _token_failures("acme", "NotSent")
     with pytest.raises(NotSent) as caught:
         _create(client)
     exc = caught.value
+    assert _token_failures("acme", "NotSent") == before + 1
     assert exc.retry_safe
     assert exc.endpoint == "token"
     assert "ConnectionRefusedError" in exc.message

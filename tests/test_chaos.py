@@ -8,14 +8,13 @@ checked by tests/chaos_harness.py; the full 1,000-payment run is benchmarks/soak
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from tests.chaos_harness import ChaosConfig, run_chaos
+from tests.redis_server import redis_server_binary
 
 pytestmark = pytest.mark.skipif(
-    shutil.which("redis-server") is None, reason="needs redis-server (a private one is killed)"
+    redis_server_binary() is None, reason="needs redis-server >= 7.0 (a private one is killed)"
 )
 
 

@@ -125,6 +125,23 @@ def test_submit_file_reports_bad_rows_and_queues_the_good(
     assert json.loads(again.stdout.splitlines()[-1])["summary"]["already_submitted"] == 2000
 
 
+def test_a_refused_row_names_every_problem_in_text_and_json(
+    env: dict[str, str], redis_client: redis.Redis, keys: Keys, tmp_path: Path
+) -> None:
+    path = tmp_path / "payments.csv"
+    path.write_text("account,amount,currency,redirect_url\nacme,-1,EUR,ftp://x\n")
+    text = paypoll(env, "submit", "--file", str(path))
+    assert text.returncode == 1
+    refused = [line for line in text.stderr.splitlines() if line.startswith("refused")]
+    assert len(refused) == 1 and refused[0].startswith("refused line 2: amount: ")
+    assert "; currency: 'EUR' is not supported" in refused[0] and "; redirect_url: " in refused[0]
+    as_json = paypoll(env, "submit", "--file", str(path), "--json")
+    row = json.loads(as_json.stdout.splitlines()[0])
+    assert [p["field"] for p in row["problems"]] == ["amount", "currency", "redirect_url"]
+    assert all(p["reason"] for p in row["problems"]) and row["field"] == "amount"
+    assert queued(redis_client, keys) == 0
+
+
 def test_track_and_resolve(env: dict[str, str], redis_client: redis.Redis, keys: Keys) -> None:
     tracked = paypoll(env, "track", "--account", "acme", "pr_123")
     assert tracked.returncode == 0 and tracked.stdout.strip() == "track-pr_123"

@@ -68,3 +68,20 @@ def test_a_nul_byte_is_a_bad_row_not_a_crash() -> None:
     assert [(e.line, e.field) for e in result.errors] == [(1, "json"), (2, "json")]
     csv_result = load(b"amount,redirect_url\n\x00,https://s.test/a\n", "csv", "acme")
     assert [(e.line, e.field) for e in csv_result.errors] == [(2, "amount")]
+
+
+def test_a_refused_row_lists_every_problem() -> None:
+    result = load(b"account,amount,currency,redirect_url\nacme,-1,EUR,ftp://x\n", "csv")
+    assert result.specs == [] and len(result.errors) == 1
+    error = result.errors[0]
+    assert [field for field, _ in error.problems] == ["amount", "currency", "redirect_url"]
+    assert (error.line, error.field) == (2, "amount")
+    assert str(error).startswith("line 2: amount: ") and "; currency: " in str(error)
+    assert "; redirect_url: 'ftp://x' is not an absolute https:// URL" in str(error)
+
+
+def test_unknown_columns_and_bad_fields_are_listed_together() -> None:
+    result = load(b'{"amount": 1.5, "colour": "red", "size": 2}\n', "jsonl")
+    fields = [field for field, _ in result.errors[0].problems]
+    assert fields == ["colour", "size", "account", "amount", "redirect_url"]
+    assert "--account" in dict(result.errors[0].problems)["account"]

@@ -20,14 +20,9 @@ import pytest
 import redis
 import requests
 
-from tests.chaos_harness import (
-    FleetProcess,
-    base_env,
-    make_accounts,
-    run_cli,
-    write_accounts,
-)
-from tests.redis_server import free_port
+from tests.chaos_harness import base_env, make_accounts, run_cli, write_accounts
+from tests.fleet_harness import RunningFleet
+from tests.redis_server import free_port, redis_server_binary
 from tests.sandbox_fixture import RunningSandbox
 from tests.waiting import wait_until
 from worker import defaults
@@ -38,7 +33,7 @@ from worker.settings import load_accounts_file, load_settings
 
 PASSWORD = "redis-pw-Zq8sK2mX91"
 
-needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+needs_redis = pytest.mark.skipif(redis_server_binary() is None, reason="needs redis-server >= 7.0")
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 
 
@@ -134,9 +129,11 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A redis-server speaking only TLS, with a password; (rediss:// URL, CA file)."""
     ca, crt, key = _make_certs(tmp_path)
     port = free_port()
+    binary = redis_server_binary()
+    assert binary is not None  # needs_redis
     process = subprocess.Popen(
         [
-            "redis-server",
+            binary,
             "--port",
             "0",
             "--tls-port",
@@ -206,7 +203,7 @@ def test_fleet_over_tls_redis_with_password_and_a_refused_account(
             "PAYPOLL_SWEEP_INTERVAL": "0.25",
         }
     )
-    fleet = FleetProcess(env, tmp_path / "fleet.log", threads=4)
+    fleet = RunningFleet(env, threads=4, log_path=tmp_path / "fleet.log")
     try:
         fleet.wait_ready(timeout=60)
         outputs = []

@@ -63,3 +63,26 @@ def test_unknown_account() -> None:
     with pytest.raises(UnknownAccount) as err:
         validate_payment(accounts=ACCOUNTS, **{**GOOD, "account": "nobody"})
     assert err.value.field == "account" and "nobody" in str(err.value)
+
+
+def test_every_bad_field_is_named_at_once() -> None:
+    # Issue 15: `-1,EUR,ftp://x` said only "amount"; fixing one field at a time took three tries.
+    error = check(amount="-1", currency="EUR", redirect_url="ftp://x", reference_id="a b")
+    assert [field for field, _ in error.problems] == [
+        "amount",
+        "currency",
+        "redirect_url",
+        "reference_id",
+    ]
+    assert (error.field, error.reason) == error.problems[0]
+    reasons = dict(error.problems)
+    assert "positive decimal" in reasons["amount"] and "allowed: USD" in reasons["currency"]
+    assert "https://" in reasons["redirect_url"] and "spaces" in reasons["reference_id"]
+    assert str(error).count(";") == 3 and all(field in str(error) for field in reasons)
+
+
+def test_an_unknown_account_is_listed_with_the_other_problems() -> None:
+    error = check(account="nobody", amount="0")
+    assert [field for field, _ in error.problems] == ["account", "amount"]
+    assert "nobody" in dict(error.problems)["account"]
+    assert check(amount="0").problems == (("amount", "must be greater than 0"),)

@@ -22,6 +22,8 @@ COMMANDS: dict[str, str] = {
     "status": "worker.commands.status",
     "list": "worker.commands.listing",
     "resolve": "worker.commands.resolve",
+    "doctor": "worker.commands.doctor",
+    "top": "worker.commands.top",
     "sandbox": "worker.sandbox.cli",
     "demo": "worker.demo.cli",
 }

@@ -89,6 +89,7 @@ def read_store(
     namespace: str,
     queues: Sequence[str],
     *,
+    accounts: Iterable[str] = (),
     heartbeat_stale_after: float = HEARTBEAT_STALE_AFTER,
 ) -> StoreSnapshot:
     """Read everything the gauges show, in two pipelined round trips whatever the account count.
@@ -106,6 +107,9 @@ def read_store(
       delayed messages in ``{ns}:{queue}.DQ.msgs`` (their list ``.DQ`` loses the ids workers
       prefetch into memory, the hash keeps them); dead letters in the ZSET ``{ns}:{queue}.XQ``.
 
+    ``accounts`` (the configured ones) are read as well as those in ``keys.accounts()``, so
+    their gauges exist, at 0, before their first payment (issue 15: a fresh fleet's panels).
+
     Raises redis.RedisError when Redis fails; the collector turns that into ``paypoll_redis_up 0``.
     """
     first = client.pipeline(transaction=False)
@@ -120,7 +124,7 @@ def read_store(
     replies: list[Any] = first.execute()
     seconds, micros = replies[0]
     now = int(seconds) + int(micros) / 1e6
-    accounts = sorted(_text(a) for a in replies[1])
+    known = sorted({_text(a) for a in replies[1]} | set(accounts))
     depths: dict[str, QueueDepth] = {}
     for i, queue in enumerate(queues):
         ready, unacked, delayed, dead = replies[2 + 4 * i : 6 + 4 * i]
@@ -129,7 +133,7 @@ def read_store(
     second = client.pipeline(transaction=False)
     second.zcount(keys.heartbeat(), now - heartbeat_stale_after, "+inf")
     second.zcard(keys.heartbeat())
-    for account in accounts:
+    for account in known:
         for state in GAUGE_STATES:
             second.scard(keys.by_state(account, state))
         for step in STEPS:
@@ -147,7 +151,7 @@ def read_store(
         workers_registered=int(replies[1]),
     )
     at = 2
-    for account in accounts:
+    for account in known:
         for state in GAUGE_STATES:
             snapshot.payments[(account, state)] = int(replies[at])
             at += 1
@@ -180,9 +184,11 @@ class StoreCollector(Collector):
         keys: Keys,
         namespace: str,
         queues: Sequence[str],
+        accounts: Iterable[str] = (),
         heartbeat_stale_after: float = HEARTBEAT_STALE_AFTER,
     ) -> None:
         self._redis = redis
+        self._accounts = tuple(accounts)
         self._keys = keys
         self._namespace = namespace
         self._queues = tuple(queues)
@@ -196,6 +202,7 @@ class StoreCollector(Collector):
         keys: Keys,
         namespace: str,
         queues: Sequence[str],
+        accounts: Iterable[str] = (),
         timeout: float = SCRAPE_REDIS_TIMEOUT,
         heartbeat_stale_after: float = HEARTBEAT_STALE_AFTER,
     ) -> StoreCollector:
@@ -216,6 +223,7 @@ class StoreCollector(Collector):
             keys=keys,
             namespace=namespace,
             queues=queues,
+            accounts=accounts,
             heartbeat_stale_after=heartbeat_stale_after,
         )
 
@@ -235,6 +243,7 @@ class StoreCollector(Collector):
                 self._keys,
                 self._namespace,
                 self._queues,
+                accounts=self._accounts,
                 heartbeat_stale_after=self._stale_after,
             )
         except redis.RedisError as exc:

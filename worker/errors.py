@@ -6,7 +6,7 @@ message, ``retry_after``, whether a retry is safe) and never a secret or a token
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 
 class PaypollError(Exception):
@@ -20,15 +20,34 @@ class ConfigError(PaypollError):
 class ValidationError(PaypollError):
     """A payment was refused before anything was enqueued.
 
-    ``field`` names the offending input, ``reason`` says what was expected.
+    ``field`` names the offending input, ``reason`` says what was expected. A payment with
+    several bad fields is refused once with all of them: ``problems`` lists every (field,
+    reason), the first of them being ``field`` and ``reason`` (issue 15).
     """
 
-    def __init__(self, field: str, reason: str, *, line: int | None = None) -> None:
+    def __init__(
+        self,
+        field: str,
+        reason: str,
+        *,
+        line: int | None = None,
+        problems: Iterable[tuple[str, str]] = (),
+    ) -> None:
         self.field = field
         self.reason = reason
         self.line = line
+        self.problems: tuple[tuple[str, str], ...] = tuple(problems) or ((field, reason),)
         where = f"line {line}: " if line is not None else ""
-        super().__init__(f"{where}{field}: {reason}")
+        super().__init__(where + "; ".join(f"{f}: {r}" for f, r in self.problems))
+
+    @classmethod
+    def combine(cls, errors: Iterable[ValidationError]) -> ValidationError:
+        """One error listing every problem of ``errors`` (the error itself when only one)."""
+        errors = list(errors)
+        if len(errors) == 1:
+            return errors[0]
+        problems = [problem for error in errors for problem in error.problems]
+        return cls(problems[0][0], problems[0][1], problems=problems)
 
 
 class UnknownAccount(ValidationError):

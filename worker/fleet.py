@@ -56,15 +56,28 @@ def worker_process_main(settings: Settings, threads: int, index: int) -> None:
     from dramatiq import Worker
 
     from worker import metrics
-    from worker.actors import QUEUES, build_broker, callback_sender, declare_actors, install_runtime
+    from worker.actors import (
+        CREATE_ACTOR,
+        QUEUES,
+        TRACK_ACTOR,
+        build_broker,
+        callback_sender,
+        declare_actors,
+        install_runtime,
+    )
     from worker.logs import configure_logging
     from worker.runtime import Runtime
-    from worker.store import State
+    from worker.store import FINAL, State
     from worker.sweeper import Sweeper, SweeperThread
 
     configure_logging(fmt=settings.log_format, level=settings.log_level)
     # Every account's series exist from the start, so Prometheus sees their first increase.
-    metrics.prime_accounts(settings.accounts, [state.value for state in State])
+    metrics.prime_accounts(
+        settings.accounts,
+        [state.value for state in State],
+        terminal_states=sorted(state.value for state in FINAL),
+        actors=(CREATE_ACTOR, TRACK_ACTOR),
+    )
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -144,6 +157,7 @@ class Fleet:
                     keys=Keys(self.settings.key_prefix),
                     namespace=self.settings.namespace,
                     queues=QUEUES,
+                    accounts=self.settings.accounts,
                 ),
                 AccountLimitsCollector.from_accounts(self.settings.accounts.values()),
             ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -25,16 +25,33 @@ MAX_LINE = 64 * 1024  # bytes; a longer line is refused (it is not a payment)
 csv.field_size_limit(MAX_LINE)
 
 
+MISSING_ACCOUNT = "is missing: add the column or pass --account"
+
+
 @dataclass(frozen=True)
 class RowError:
-    """A refused row: its line number (1-based, the header is line 1 in CSV) and why."""
+    """A refused row: its line number (1-based, the header is line 1 in CSV) and why.
+
+    ``problems`` lists every (field, reason) the row has (issue 15: a row with a bad amount, a
+    bad currency and a bad URL says all three); ``field`` and ``reason`` are the first.
+    """
 
     line: int
     field: str
     reason: str
+    problems: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.problems:
+            object.__setattr__(self, "problems", ((self.field, self.reason),))
+
+    @classmethod
+    def of(cls, line: int, problems: Sequence[tuple[str, str]]) -> RowError:
+        """The error of a row with these (field, reason) problems (at least one)."""
+        return cls(line, problems[0][0], problems[0][1], tuple(problems))
 
     def __str__(self) -> str:
-        return f"line {self.line}: {self.field}: {self.reason}"
+        return f"line {self.line}: " + "; ".join(f"{f}: {r}" for f, r in self.problems)
 
 
 @dataclass
@@ -151,10 +168,8 @@ def load_file(
             result.errors.append(row)
             continue
         result.rows += 1
-        unknown = sorted(set(row) - set(COLUMNS))
-        if unknown:
-            result.errors.append(RowError(number, unknown[0], "unknown column"))
-            continue
+        # Every problem of the row, not only its first: unknown columns, then each bad field.
+        problems = [(column, "unknown column") for column in sorted(set(row) - set(COLUMNS))]
         account = row.get("account") or default_account
         try:
             spec = validate_payment(
@@ -166,11 +181,11 @@ def load_file(
                 accounts=accounts,
             )
         except ValidationError as exc:
-            if exc.field == "account" and account is None:
-                reason = "is missing: add the column or pass --account"
-                result.errors.append(RowError(number, "account", reason))
-            else:
-                result.errors.append(RowError(number, exc.field, exc.reason))
+            for name, reason in exc.problems:
+                missing = name == "account" and account is None
+                problems.append((name, MISSING_ACCOUNT if missing else reason))
+        if problems:
+            result.errors.append(RowError.of(number, problems))
             continue
         identity = (spec.account, spec.reference_id)
         if identity in seen:

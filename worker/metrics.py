@@ -196,21 +196,56 @@ def record_job(actor: str, outcome: str, seconds: float) -> None:
     JOB_SECONDS.labels(actor, outcome).observe(seconds)
 
 
-def prime_accounts(accounts: Iterable[str], states: Iterable[str] = ()) -> None:
-    """Create the per-account series at 0, so the first event shows up in ``increase()``.
+# The API client's endpoints, and the status of a success on each (api-contract.md).
+ENDPOINTS = ("token", "create", "get")
+SUCCESS_STATUS = "200"
+# Token failure reasons primed at 0: 403 (credentials refused, its own alert), the statuses and
+# transport errors a token call most often meets. Other reasons appear with their first failure.
+PRIMED_TOKEN_REASONS = ("403", "401", "429", "500", "503", "NotSent", "Ambiguous")
+
+
+def prime_accounts(
+    accounts: Iterable[str],
+    states: Iterable[str] = (),
+    *,
+    terminal_states: Iterable[str] = (),
+    actors: Iterable[str] = (),
+) -> None:
+    """Create every series the dashboard and the alert rules query at 0, from a process's start.
 
     Prometheus cannot see the first increment of a series that appears with value 1 (there is no
-    earlier sample), so alerts such as "a tracking timeout happened" would miss it. Each worker
-    process calls this at start with the configured accounts and every payment state.
+    earlier sample), so alerts such as "a tracking timeout happened" would miss it, and a panel of
+    a series not yet exposed says "No data" (issue 15: ``paypoll_token_failures_total``). Each
+    worker process calls this at start with the configured accounts, every payment state, the
+    states a payment ends in and the actors' names; tests/test_series_from_start.py checks that a
+    fresh fleet exposes a series for every selector of the dashboard and alerts.yml.
     """
-    states = tuple(states)
+    states, terminal_states = tuple(states), tuple(terminal_states)
     for account in accounts:
         for counter in (RATE_LIMITED, LIMITER_GRANTED, LIMITER_FAR, LIMITER_PENALTIES):
             counter.labels(account)
-        UNKNOWN_STATUSES.labels(account)
-        DETECTION_BOUND_SECONDS.labels(account)
+        for per_account in (
+            LIMITER_LATE,
+            UNKNOWN_STATUSES,
+            LIMITER_WAIT_SECONDS,
+            DETECTION_BOUND_SECONDS,
+        ):
+            per_account.labels(account)
+        for endpoint in ENDPOINTS:
+            API_CALLS.labels(account, endpoint, SUCCESS_STATUS)
+            API_CALL_SECONDS.labels(account, endpoint, SUCCESS_STATUS)
+        for reason in PRIMED_TOKEN_REASONS:
+            TOKEN_FAILURES.labels(account, reason)
         for state in states:
             TRANSITIONS.labels(account, state)
+        for state in terminal_states:
+            TERMINAL_SECONDS.labels(account, state)
+            POLLS_AT_TERMINAL.labels(account, state)
+    for actor in actors:
+        JOBS_IN_PROGRESS.labels(actor)
+        for outcome in (OUTCOME_OK, OUTCOME_ERROR):
+            JOBS.labels(actor, outcome)
+            JOB_SECONDS.labels(actor, outcome)
 
 
 def job_started(actor: str) -> None:

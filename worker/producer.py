@@ -40,7 +40,7 @@ class Producer:
         return cls(settings=settings, store=store)
 
     def validate(self, **fields: Any) -> PaymentSpec:
-        """The payment normalised, or ValidationError naming the field and the reason."""
+        """The payment normalised, or ValidationError listing every bad field with its reason."""
         return validate_payment(accounts=self.settings.accounts, **fields)
 
     def submit_payment(

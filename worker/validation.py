@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import urlsplit
@@ -104,20 +104,39 @@ def validate_payment(
     reference_id: Any = None,
     accounts: Mapping[str, object],
 ) -> PaymentSpec:
-    """Check every field of a payment and return it normalised, or raise ValidationError
-    naming the first bad field. ``accounts`` are the configured account aliases."""
-    if not isinstance(account, str) or not account:
-        raise ValidationError("account", "is required: the alias of a configured account")
-    if account not in accounts:
-        raise UnknownAccount(account)
-    return PaymentSpec(
+    """Check every field of a payment and return it normalised, or raise one ValidationError
+    listing every bad field with its reason (``problems``; ``field`` is the first of them).
+    ``accounts`` are the configured account aliases."""
+    problems: list[ValidationError] = []
+
+    def checked(check: Callable[[Any], str], value: Any) -> str:
+        try:
+            return check(value)
+        except ValidationError as exc:
+            problems.append(exc)
+            return ""
+
+    checked(lambda value: validate_account(value, accounts), account)
+    spec = PaymentSpec(
         account=account,
-        amount=validate_amount(amount),
-        currency=validate_currency(currency),
-        redirect_url=validate_redirect_url(redirect_url),
+        amount=checked(validate_amount, amount),
+        currency=checked(validate_currency, currency),
+        redirect_url=checked(validate_redirect_url, redirect_url),
         reference_id=(
-            validate_reference_id(reference_id)
+            checked(validate_reference_id, reference_id)
             if reference_id not in (None, "")
             else new_reference_id()
         ),
     )
+    if problems:
+        raise ValidationError.combine(problems)
+    return spec
+
+
+def validate_account(value: Any, accounts: Mapping[str, object]) -> str:
+    """The alias of a configured account (UnknownAccount when it is not one)."""
+    if not isinstance(value, str) or not value:
+        raise ValidationError("account", "is required: the alias of a configured account")
+    if value not in accounts:
+        raise UnknownAccount(value)
+    return value

@@ -21,6 +21,7 @@ import requests
 import structlog
 from redis import Redis, RedisError
 
+from worker import metrics
 from worker.api.auth import IssuedToken, TokenCache, parse_token
 from worker.api.call_log import record_call
 from worker.api.limiting import Limiter, UnlimitedLimiter
@@ -186,6 +187,14 @@ class ApiClient:
 
         return self._authorized(acct, "get", "GET", url, parse, max_wait=max_wait, hold=hold)
 
+    def check_credentials(self, account: str, *, max_wait: float | None = None) -> float:
+        """One fresh token call for ``account`` through the limiter, bypassing and leaving the
+        shared token cache as it is (`paypoll doctor`): the seconds the issued token is valid.
+        Raises CredentialsRefused (403) and the errors of any call; never returns the token."""
+        issued = self._fetch_token(self._settings.account(account), max_wait)
+        register_secret(issued.access_token)
+        return issued.expires_in
+
     # --- inside ---------------------------------------------------------------------------------
 
     @staticmethod
@@ -200,18 +209,26 @@ class ApiClient:
             "Content-Type": "application/x-www-form-urlencoded",
             "Accept": "application/json",
         }
-        return self._exchange(
-            account,
-            "token",
-            "POST",
-            self._base + TOKEN_PATH,
-            parse_token,
-            headers=headers,
-            form_body="grant_type=client_credentials",
-            max_wait=max_wait,
-            attempt=1,
-            hold=self._take_hold(),
-        )
+        try:
+            return self._exchange(
+                account,
+                "token",
+                "POST",
+                self._base + TOKEN_PATH,
+                parse_token,
+                headers=headers,
+                form_body="grant_type=client_credentials",
+                max_wait=max_wait,
+                attempt=1,
+                hold=self._take_hold(),
+            )
+        except SlotMissed:
+            raise  # our own lateness (a starved CPU), not the token service's: counted as such
+        except ApiError as exc:
+            # Feeds the token-failure panel and alerts (403: PaypollCredentialsRefused). The
+            # label is the status or the error's class, never its text.
+            metrics.record_token_failure(account.name, exc.outcome)
+            raise
 
     def _take_hold(self) -> float | None:
         """The slot held for this thread's current call, once: whichever of its exchanges books

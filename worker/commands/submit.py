@@ -120,7 +120,15 @@ def _submit_file(producer: object, args: argparse.Namespace) -> int:
         return 2
     for error in result.errors:
         if args.json:
-            print_json({"line": error.line, "field": error.field, "error": error.reason})
+            problems = [{"field": name, "reason": reason} for name, reason in error.problems]
+            print_json(
+                {
+                    "line": error.line,
+                    "field": error.field,
+                    "error": error.reason,
+                    "problems": problems,
+                }
+            )
         else:
             print(f"refused {error}", file=sys.stderr)
 
@@ -132,7 +140,7 @@ def _submit_file(producer: object, args: argparse.Namespace) -> int:
     for spec, outcome in zip(result.specs, outcomes, strict=True):
         done += 1
         if isinstance(outcome, ValidationError):
-            result.errors.append(RowError(0, outcome.field, outcome.reason))
+            result.errors.append(RowError.of(0, outcome.problems))
             print(f"refused {spec.account}/{spec.reference_id}: {outcome}", file=sys.stderr)
         elif outcome:
             new += 1

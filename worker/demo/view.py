@@ -1,7 +1,6 @@
 """How the demo shows its progress: a live ANSI block on a terminal, or one line per update.
 
-No curses: the live view redraws its block by moving the cursor up over it (``ESC[nF``) and
-clearing to the end of the screen (``ESC[J``), which every common terminal understands.
+The live block is :class:`worker.terminal.LiveBlock` (no curses, no terminal library).
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from worker.store.states import ALL_STATES, FINAL
+from worker.terminal import LiveBlock
 
 BAR_WIDTH = 30  # characters of the progress bar
 
@@ -82,15 +82,10 @@ class LiveView(PlainView):
 
     def __init__(self, out: TextIO | None = None) -> None:
         super().__init__(out)
-        self._drawn = 0  # lines of the block currently on screen
-
-    def _clear(self) -> None:
-        if self._drawn:
-            self.out.write(f"\x1b[{self._drawn}F\x1b[J")
-            self._drawn = 0
+        self._block = LiveBlock(self.out)
 
     def message(self, text: str) -> None:
-        self._clear()
+        self._block.clear()
         super().message(text)
 
     def progress(self, snap: Progress) -> None:
@@ -102,16 +97,11 @@ class LiveView(PlainView):
             f"  states: {_states_text(snap.counts) or 'nothing yet'}",
             *(f"  {_account_text(a)}" for a in snap.accounts),
         ]
-        self._clear()
-        # \x1b[K clears leftovers of a longer previous line when the terminal wraps nothing.
-        self.out.write("".join(f"{line}\x1b[K\n" for line in lines))
-        self.out.flush()
-        self._drawn = len(lines)
+        self._block.draw(lines)
 
     def close(self) -> None:
         """Leave the last block on screen and the cursor below it."""
-        self._drawn = 0
-        self.out.flush()
+        self._block.leave()
 
 
 def summary_lines(summary: Mapping[str, Any]) -> list[str]:
