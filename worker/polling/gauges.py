@@ -65,42 +65,39 @@ def read_planner(
     return snap
 
 
+def _per_account(name: str, documentation: str, values: dict[str, float]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation, labels=["account"])
+    for account, value in sorted(values.items()):
+        family.add_metric([account], value)
+    return family
+
+
 def planner_families(snap: PlannerSnapshot) -> Iterator[Metric]:
     """The gauge and counter families of a snapshot."""
-    budget = GaugeMetricFamily(
+    yield _per_account(
         "paypoll_poll_budget_per_second",
         "Polls per second the planner lets a key spend now (its share, or the floor while "
         "creates wait, less what other software took)",
-        labels=["account"],
+        snap.budget,
     )
-    for account, value in sorted(snap.budget.items()):
-        budget.add_metric([account], value)
-    yield budget
-    median = GaugeMetricFamily(
+    yield _per_account(
         "paypoll_completion_median_seconds",
         "Median age at which the key's payments complete, as learned (prior until data)",
-        labels=["account"],
+        snap.median,
     )
-    for account, value in sorted(snap.median.items()):
-        median.add_metric([account], value)
-    yield median
-    learned = GaugeMetricFamily(
+    yield _per_account(
         "paypoll_completions_learned",
         "Completions behind the learned distribution (older ones fade)",
-        labels=["account"],
+        snap.learned,
     )
-    for account, value in sorted(snap.learned.items()):
-        learned.add_metric([account], value)
-    yield learned
     ages = GaugeMetricFamily(
         "paypoll_pending_payments_by_age",
         "Pending payments created at most max_age seconds ago (cumulative)",
         labels=["account", "max_age"],
     )
+    edges = [*(f"{b:g}" for b in PENDING_AGE_BUCKETS), "+Inf"]
     for account, counts in sorted(snap.pending_by_age.items()):
-        for le, count in zip(
-            [*(f"{b:g}" for b in PENDING_AGE_BUCKETS), "+Inf"], counts, strict=True
-        ):
+        for le, count in zip(edges, counts, strict=True):
             ages.add_metric([account, le], count)
     yield ages
     shared = CounterMetricFamily(
@@ -108,6 +105,6 @@ def planner_families(snap: PlannerSnapshot) -> Iterator[Metric]:
         "Rate-limit slots other software took from the fleet's limiter (worker.api_slot)",
         labels=["account"],
     )
-    for account, value in sorted(snap.shared.items()):
-        shared.add_metric([account], value)
+    for account, taken in sorted(snap.shared.items()):
+        shared.add_metric([account], taken)
     yield shared
