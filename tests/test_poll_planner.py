@@ -106,6 +106,26 @@ def test_spare_budget_pulls_the_soonest_polls_forward_but_never_within_their_not
     assert store.claim_due("acme", budget=10, lease=30, batch=100).tracks == []
 
 
+def test_a_track_holding_a_slot_is_claimed_when_due_whatever_the_pace_and_budget(
+    store: PaymentStore,
+) -> None:
+    for i in range(12):
+        store.register_tracking("acme", f"t{i}", f"pay-{i}")
+    assert len(store.claim_due("acme", budget=10, lease=30, batch=100).tracks) == 10
+    # t0 got a far slot held for it: back in 0 s, holding it. The in-flight budget is full.
+    store.transition("acme", "t0", State.PENDING, next_step="track", delay=0, holds_slot=True)
+    assert store.redis.zscore(store.keys.held("acme"), "t0") is not None
+    for pace in (TrackPace(0), None):  # planner with no poll budget left, and backoff
+        claim = store.claim_due("acme", budget=10, lease=30, batch=100, pace=pace)
+        # First, and not counted in the in-flight budget (t0 left it when rescheduled, so the
+        # unpaced claim also takes one more due track in its place).
+        assert claim.tracks[0] == "t0" and claim.held_tracks == 1
+        store.transition("acme", "t0", State.PENDING, next_step="track", delay=0, holds_slot=True)
+    # A normal reschedule drops the mark.
+    store.transition("acme", "t0", State.PENDING, next_step="track", delay=0)
+    assert store.redis.zscore(store.keys.held("acme"), "t0") is None
+
+
 def _settings(redis_url: str, prefix: str, **changes: object) -> Settings:
     base = Settings(redis_url=redis_url, key_prefix=prefix, sweep_interval=0.25)
     settings = base.with_accounts(Account("acme", "acme", Secret("s"), 5.0))

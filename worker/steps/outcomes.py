@@ -107,8 +107,9 @@ def reschedule(
             fields=fields,
             increments=increments,
             # A retry is never pulled forward: not before its delay. A step that holds a slot
-            # is claimed at its time outside the poll pace: its call is booked already.
+            # is claimed at its time outside the poll pace and the in-flight budget: its call
+            # is booked already, and a hold claimed late is wasted.
             not_before=rt.timer.pull_after(delay),
-            holds_slot=hold is not None and rt.timer.planned,
+            holds_slot=hold is not None,
         )
     )

@@ -47,9 +47,10 @@ end
 
 local claimed = {{}, {}}
 local pace = tonumber(ARGV[4])
--- Held tracks first, outside the pace and the in-flight budget: their calls are booked.
+-- Held tracks first, outside the pace and the in-flight budget: their calls are booked, and
+-- a hold claimed more than a second late is wasted (its slot passes unused).
 local held = 0
-if pace >= 0 then
+do
   local ready = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now, 'LIMIT', 0, batch)
   for _, ref in ipairs(ready) do
     redis.call('ZREM', KEYS[6], ref)

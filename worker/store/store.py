@@ -234,9 +234,9 @@ class PaymentStore:
         unset): a compare-and-set between concurrent deliveries of one message.
         ``not_before`` (a next track only): seconds from now before which the poll planner may
         not pull the poll forward when its key has budget to spare; None: never before its due
-        time. ``holds_slot`` (a next track under the planner): the step holds a rate-limit slot
-        (a far slot held for it), so it is claimed when due outside the poll pace and never
-        pulled. Atomic; an event is appended to the stream when the state changes.
+        time. ``holds_slot`` (a next track): the step holds a rate-limit slot (a far slot held
+        for it), so it is claimed when due outside the poll pace and the in-flight budget, and
+        never pulled. Atomic; an event is appended to the stream when the state changes.
         """
         allowed = (
             list(sources) if sources is not None else sorted(sources_of(target, operator=operator))
