@@ -65,7 +65,6 @@ from polling_model import (
     Lifecycle,
     Saturation,
     backoff_polls,
-    detection_floor,
     fixed_interval_for,
     fixed_polls,
     planner_polls,
@@ -273,13 +272,7 @@ def light(args: argparse.Namespace, name: str, merged: bool) -> tuple[list[str],
     wall = time.monotonic() - started
     SAVED[name] = [dataclasses.asdict(r) for r in results]
     rows, figures = light_table(results, lifecycle)
-    budget = planner_default_share() * RATE
-    offsets = lifecycle.offsets()
-    bounds = (
-        detection_floor(offsets, budget=budget, quantile=0.5),
-        detection_floor(offsets, budget=budget, quantile=0.95),
-    )
-    floors = floor_rows(name, figures, premerge=not merged, bounds=bounds)
+    floors = floor_rows(name, figures, premerge=not merged)
     if "capped" in figures and "fixed" in figures and figures["capped"]["polls"]:
         # The planner spends about share x rate while anything is pending: the poll count
         # scales with the share, so one correction lands close.

@@ -243,33 +243,3 @@ def share_for(offsets: list[float], polls: float, *, keys: int = 1, rate: float 
         else:
             low = mid
     return low
-
-
-def detection_floor(
-    offsets: list[float], *, budget: float, quantile: float, create_gap: float = 1 / RATE
-) -> float:
-    """The smallest detection-delay ``quantile`` any poll policy can expect on this lifecycle
-    of one key, when every pending payment is as likely as any other to complete next (equal
-    hazard: the case of payments created together, uniform payers).
-
-    Why: at the moment a payment completes, n are pending; within the next D seconds at most
-    budget x D of them can be polled, so the one that completed is seen within D with
-    probability at most budget x D / n. The expected share of completions seen later than D is
-    then at least the mean over completions of max(0, 1 - budget x D / n); the returned D is
-    where that share falls to 1 - quantile. Payments are created ``create_gap`` apart.
-    """
-    created = [i * create_gap for i in range(len(offsets))]
-    ends = [c + o for c, o in zip(created, offsets, strict=True)]
-    pending_at = [sum(1 for c, e in zip(created, ends, strict=True) if c <= t <= e) for t in ends]
-
-    def late_share(delay: float) -> float:
-        return sum(max(0.0, 1 - budget * delay / n) for n in pending_at) / len(pending_at)
-
-    low, high = 0.0, max(offsets)
-    for _ in range(60):
-        mid = (low + high) / 2
-        if late_share(mid) > 1 - quantile:
-            low = mid
-        else:
-            high = mid
-    return high

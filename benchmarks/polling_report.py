@@ -210,10 +210,7 @@ def verdict(ok: bool | None) -> str:
 
 
 def floor_rows(
-    lifecycle: str,
-    figures: dict[str, dict[str, Any]],
-    premerge: bool,
-    bounds: tuple[float, float] | None = None,
+    lifecycle: str, figures: dict[str, dict[str, Any]], premerge: bool
 ) -> list[tuple[str, str, str, str]]:
     """(floor, measured, wanted, verdict) rows of issue 11's floors this lifecycle decides."""
     rows: list[tuple[str, str, str, str]] = []
@@ -229,16 +226,6 @@ def floor_rows(
                 verdict(p50 <= ISSUE_UNIFORM[0] and p95 <= ISSUE_UNIFORM[1]),
             )
         )
-        if bounds is not None:
-            rows.append(
-                (
-                    "uniform: the best p50 / p95 any policy can expect at 5 req/s "
-                    "(polling_model.detection_floor)",
-                    f"{bounds[0]:.2f} s / {bounds[1]:.2f} s",
-                    "(a lower bound, not a measurement)",
-                    verdict(bounds[0] <= ISSUE_UNIFORM[0] and bounds[1] <= ISSUE_UNIFORM[1]),
-                )
-            )
     if fixed and capped:
         cp = (percentile(capped["delays"], 50), percentile(capped["delays"], 95))
         fx = (percentile(fixed["delays"], 50), percentile(fixed["delays"], 95))

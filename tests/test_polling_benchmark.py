@@ -134,22 +134,3 @@ def test_floor_rows_judge_the_issue_floors() -> None:
     assert rows[f"long_tail, capped planner vs fixed{note}"][3] == "FAIL"
     assert rows[f"long_tail, capped planner spent the fixed interval's polls{note}"][3] == "FAIL"
     assert rows["long_tail: 429s, every run"][1:] == ("1", "0", "FAIL")
-
-
-def test_the_detection_floor_is_what_the_budget_allows_for_equal_hazards() -> None:
-    from polling_model import detection_floor
-
-    # One payment pending at a time: 5 polls/s see 95% of completions within 0.95 / 5 s.
-    assert detection_floor([1.0] * 5, budget=5, quantile=0.95, create_gap=10.0) == pytest.approx(
-        0.19, abs=1e-6
-    )
-    # 25 created together, all completing at once: 25 pending, 5 polls/s. Seeing a share q of
-    # them within D needs 5 x D >= q x 25: D = 5 q.
-    assert detection_floor([100.0] * 25, budget=5, quantile=0.5, create_gap=0) == pytest.approx(
-        2.5, abs=1e-6
-    )
-    uniform = [5 + 115 * (i + 0.5) / 25 for i in range(25)]
-    more, less = (
-        detection_floor(uniform, budget=b, quantile=0.95, create_gap=0.2) for b in (10, 5)
-    )
-    assert 0 < more < less
