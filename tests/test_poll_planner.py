@@ -57,6 +57,35 @@ def test_the_age_index_follows_every_move_into_and_out_of_pending(store: Payment
     assert store.redis.zrange(ages, 0, -1) == [b"b"]
 
 
+def test_payments_pending_from_before_the_age_index_are_indexed_by_the_planner(
+    store: PaymentStore, redis_url: str, key_prefix: str
+) -> None:
+    ages = store.keys.pending_age("acme")
+    for i in range(7):
+        _pending(store, f"old{i}")
+    store.register_tracking("acme", "kept", "pay-kept")
+    _pending(store, "done")
+    assert store.transition("acme", "done", State.PAID).moved
+    # As an older paypoll left them: pending, with no age entry; one entry already there.
+    store.redis.delete(ages)
+    store.redis.zadd(ages, {"kept": 12.5})
+    plans = PlanStore(redis=store.redis, keys=store.keys)
+    planner = PollPlanner(settings=_settings(redis_url, key_prefix), store=plans)
+    planner.quotas({"acme": False})
+    indexed = {m.decode(): score for m, score in store.redis.zrange(ages, 0, -1, withscores=True)}
+    assert set(indexed) == {f"old{i}" for i in range(7)} | {"kept"}  # "done" is not pending
+    assert indexed["kept"] == 12.5  # an entry already there is never moved
+    for i in range(7):
+        record = store.get("acme", f"old{i}")
+        assert record is not None and indexed[f"old{i}"] == pytest.approx(record.created_at)
+    raw = store.redis.hgetall(store.keys.plan("acme"))
+    assert raw, "the planner planned the key"
+    # In batches too, and a second call finds nothing missing.
+    store.redis.delete(ages)
+    assert plans.backfill_ages("acme", batch=3) == 8
+    assert plans.backfill_ages("acme") == 0
+
+
 def test_paced_claims_keep_creates_first_and_the_polls_floor(store: PaymentStore) -> None:
     for i in range(30):
         store.submit(_spec(f"c{i}"))

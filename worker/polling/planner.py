@@ -38,6 +38,7 @@ class _KeyState:
     creates_waiting: bool = False
     max_interval: float = defaults.POLL_MAX_GAP  # the current plan's longest gap between polls
     tracking: bool = False  # payments are pending (their polls need the poll budget)
+    indexed: bool = False  # pending payments missing from the age index were added
 
 
 class PollPlanner:
@@ -125,6 +126,13 @@ class PollPlanner:
         s = self.settings
         interval = None if self._last_plan is None else now - self._last_plan
         self._last_plan = now
+        for account in s.accounts:
+            state = self._state(account)
+            if not state.indexed:
+                # Once per key and process: payments pending from before the age index
+                # existed would be invisible to the plan.
+                self.store.backfill_ages(account)
+                state.indexed = True
         inputs = self.store.read_inputs(s.accounts)
         plans = {}
         for account, got in inputs.items():

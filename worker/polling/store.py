@@ -31,6 +31,8 @@ from worker.polling.model import (
     weights_text,
 )
 
+BACKFILL_BATCH = 500  # pending payments indexed per round trip by backfill_ages
+
 
 def _load(name: str) -> str:
     return resources.files("worker.polling").joinpath(name).read_text(encoding="utf-8")
@@ -58,6 +60,7 @@ class PlanStore:
         self.keys = keys
         self._inputs = redis.register_script(_load("plan_inputs.lua"))
         self._observe = redis.register_script(_load("observe.lua"))
+        self._backfill = redis.register_script(_load("backfill_ages.lua"))
 
     def read_inputs(self, accounts: Iterable[str]) -> dict[str, PlanInputs]:
         """Every account's plan inputs, pipelined in one round trip."""
@@ -128,6 +131,50 @@ class PlanStore:
         for index, weight in sorted(spread(low, high).items()):
             args += [index, f"{weight:.9g}"]
         self._observe(keys=[self.keys.completions(account)], args=args)
+
+    def backfill_ages(self, account: str, *, batch: int = BACKFILL_BATCH) -> int:
+        """Index every pending payment of ``account`` that the age index lacks; how many were
+        added.
+
+        Payments that became pending under a paypoll older than the planner have no entry,
+        so the planner would neither count nor age them. One SCARD/ZCARD pair when nothing
+        is missing (every pass may call it); else the pending set is scanned once, in
+        batches, each payment's ``created_at`` read from its record (its own time when the
+        record has none: the age then counts from now, never from an invented past).
+        """
+        k = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.scard(k.by_state(account, "pending"))
+        pipe.zcard(k.pending_age(account))
+        pending, indexed = pipe.execute()
+        if int(indexed) >= int(pending):
+            return 0
+        added = 0
+        refs: list[str] = []
+        for ref in self.redis.sscan_iter(k.by_state(account, "pending"), count=batch):
+            refs.append(_text(ref))
+            if len(refs) >= batch:
+                added += self._backfill_batch(account, refs)
+                refs = []
+        if refs:
+            added += self._backfill_batch(account, refs)
+        return added
+
+    def _backfill_batch(self, account: str, refs: list[str]) -> int:
+        k = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        for ref in refs:
+            pipe.hget(k.payment(account, ref), "created_at")
+        pipe.time()
+        *created, (secs, micros) = pipe.execute()
+        now = f"{int(secs) + int(micros) / 1e6:.6f}"
+        args: list[str] = []
+        for ref, at in zip(refs, created, strict=True):
+            args += [ref, _text(at) if at is not None else now]
+        added = self._backfill(
+            keys=[k.by_state(account, "pending"), k.pending_age(account)], args=args
+        )
+        return int(added)
 
     def take_shared_slot(self, account: str) -> None:
         """Count one slot taken by other software (the planner leaves it to them)."""
