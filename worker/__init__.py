@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from worker.errors import PaypollError, ValidationError
+    from worker.errors import PaypollError, ValidationError, WaitTimeout
     from worker.producer import (
         Producer,
         get_payment,
         list_payments,
         submit_payment,
         track_payment,
+        wait_for,
     )
     from worker.shared_slot import SharedLimiter, SlotTimeout, api_slot
     from worker.store import PaymentRecord, State
@@ -33,11 +34,13 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "PaypollError": "worker.errors",
     "ValidationError": "worker.errors",
+    "WaitTimeout": "worker.errors",
     "Producer": "worker.producer",
     "get_payment": "worker.producer",
     "list_payments": "worker.producer",
     "submit_payment": "worker.producer",
     "track_payment": "worker.producer",
+    "wait_for": "worker.producer",
     "PaymentRecord": "worker.store",
     "State": "worker.store",
     "api_slot": "worker.shared_slot",
@@ -53,12 +56,14 @@ __all__ = [
     "SlotTimeout",
     "State",
     "ValidationError",
+    "WaitTimeout",
     "__version__",
     "api_slot",
     "get_payment",
     "list_payments",
     "submit_payment",
     "track_payment",
+    "wait_for",
 ]
 
 

@@ -182,3 +182,29 @@ class SlotTooFar(PaypollError):
         self.hold = hold
         held = ", held for the caller" if hold is not None else ""
         super().__init__(f"next slot for account={account} is {retry_in:.3f}s away{held}")
+
+
+class WaitTimeout(PaypollError):
+    """``wait_for`` gave up: the payment did not reach any of the awaited states in time.
+
+    Nothing is wrong with the payment itself: the workers keep creating and tracking it.
+    """
+
+    def __init__(
+        self,
+        *,
+        account: str,
+        reference_id: str,
+        states: tuple[str, ...],
+        last_state: str,
+        timeout: float,
+    ) -> None:
+        self.account = account
+        self.reference_id = reference_id
+        self.states = states
+        self.last_state = last_state
+        self.timeout = timeout
+        super().__init__(
+            f"payment {reference_id!r} of account {account!r} reached none of "
+            f"{', '.join(states)} within {timeout:g}s; it is {last_state!r}"
+        )

@@ -98,6 +98,17 @@ class Keys:
         """
         return f"{self._acct(account)}:due:track:held"
 
+    def changes(self, account: str, reference_id: str) -> str:
+        """Pub/sub channel: ``transition.lua`` publishes the new state of the payment on it at
+        every change of state (its payment key + ``:changed``: computed in the script from
+        KEYS[1], so the name must stay exactly that). ``worker.wait_for`` listens on it."""
+        return f"{self.payment(account, reference_id)}:changed"
+
+    def wake(self) -> str:
+        """Pub/sub channel: a producer publishes the account of new work on it, and every
+        sweeper of the fleet wakes for a pass at once instead of at its next interval."""
+        return f"{self.prefix}:wake"
+
     def accounts(self) -> str:
         """Set of account aliases that have ever had a payment (for listing and sweeping)."""
         return f"{self.prefix}:accounts"

@@ -8,9 +8,12 @@ due now, and the sweeper of the worker fleet dispatches it. Submitting is idempo
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import redis
 
 from worker.connection import connect_redis
 from worker.errors import ValidationError
@@ -18,6 +21,8 @@ from worker.keys import Keys
 from worker.settings import Settings, load_settings
 from worker.store import PaymentRecord, PaymentSpec, PaymentStore
 from worker.validation import validate_payment, validate_reference_id
+from worker.wait import DEFAULT_TIMEOUT
+from worker.wait import wait_for as _wait_for
 
 SUBMIT_CHUNK = 500  # payments per pipelined round trip when submitting many
 
@@ -65,7 +70,16 @@ class Producer:
             reference_id=reference_id,
         )
         self.store.submit(spec)
+        self.wake(spec.account)
         return spec.reference_id
+
+    def wake(self, account: str) -> None:
+        """Tell the fleet's sweepers that ``account`` has new work, so that its create is
+        dispatched now rather than at the next pass (best effort: a sweeper that misses it
+        finds the work at its next pass anyway)."""
+        # The payment is recorded already; a failed publish loses only the shortcut.
+        with contextlib.suppress(redis.RedisError):
+            self.store.redis.publish(self.store.keys.wake(), account)
 
     def submit_specs(self, specs: Iterable[PaymentSpec]) -> Iterator[bool | ValidationError]:
         """Record already validated payments, pipelined; yields per payment True (recorded),
@@ -74,10 +88,16 @@ class Producer:
         for spec in specs:
             chunk.append(spec)
             if len(chunk) >= SUBMIT_CHUNK:
-                yield from self.store.submit_many(chunk)
+                yield from self._submit_chunk(chunk)
                 chunk = []
         if chunk:
-            yield from self.store.submit_many(chunk)
+            yield from self._submit_chunk(chunk)
+
+    def _submit_chunk(self, chunk: list[PaymentSpec]) -> Iterator[bool | ValidationError]:
+        outcomes = list(self.store.submit_many(chunk))
+        for account in dict.fromkeys(spec.account for spec in chunk):
+            self.wake(account)
+        yield from outcomes
 
     def track_payment(
         self, *, account: str, payment_id: str, reference_id: str | None = None
@@ -92,6 +112,7 @@ class Producer:
         ref = validate_reference_id(reference_id) if reference_id else f"track-{payment_id}"
         validate_reference_id(ref)
         self.store.register_tracking(account, ref, payment_id.strip())
+        self.wake(account)  # its first poll is due now
         return ref
 
     def get_payment(self, reference_id: str, *, account: str | None = None) -> PaymentRecord:
@@ -106,6 +127,21 @@ class Producer:
                 "account", f"{reference_id!r} exists in several accounts ({names}): name one"
             )
         return found[0]
+
+    def wait_for(
+        self,
+        reference_id: str,
+        *,
+        account: str | None = None,
+        states: Iterable[str] | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> PaymentRecord:
+        """The record of ``reference_id`` as soon as it reaches one of ``states`` (default:
+        its hosted url is known, or any later state), blocking on Redis; WaitTimeout after
+        ``timeout`` seconds. See worker/wait.py."""
+        if account is None:
+            account = self.get_payment(reference_id).account
+        return _wait_for(self.store, reference_id, account=account, states=states, timeout=timeout)
 
     def list_payments(
         self, *, account: str | None = None, state: str | None = None
@@ -167,6 +203,22 @@ def get_payment(
 ) -> PaymentRecord:
     """The current record of a payment."""
     return (producer or default_producer()).get_payment(reference_id, account=account)
+
+
+def wait_for(
+    reference_id: str,
+    *,
+    account: str | None = None,
+    states: Iterable[str] | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    producer: Producer | None = None,
+) -> PaymentRecord:
+    """Block until the payment reaches one of ``states`` (default: its hosted ``url`` is
+    known, or any later state) and return its record; ``worker.WaitTimeout`` after
+    ``timeout`` seconds."""
+    return (producer or default_producer()).wait_for(
+        reference_id, account=account, states=states, timeout=timeout
+    )
 
 
 def list_payments(

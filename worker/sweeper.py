@@ -38,11 +38,13 @@ from worker.polling.planner import PollPlanner
 from worker.polling.store import PlanStore
 from worker.settings import Settings
 from worker.store import PaymentStore
+from worker.wake import WakeListener
 
 log = structlog.get_logger("paypoll.sweeper")
 
 LOCK_TTL_PASSES = 20  # the lock outlives this many missed passes before another process takes it
 MIN_LOCK_TTL = 3.0  # seconds
+WOKEN_MIN_GAP = 0.02  # seconds: the shortest time between two passes when producers wake it
 HEARTBEAT_EVERY = 2.0  # seconds between two heartbeats of a worker process
 HEARTBEAT_FORGET = 3600.0  # seconds after which a silent process is dropped from the set
 
@@ -164,10 +166,20 @@ class SweeperThread(threading.Thread):
         self._lock = self.redis.register_script(_LOCK_SCRIPT)
         self._unlock = self.redis.register_script(_UNLOCK_SCRIPT)
         self.holding = False
+        # A producer's submit wakes the pass at once (worker/wake.py): an idle key's create
+        # leaves within a pass, not an interval, of the submit.
+        self.woken = threading.Event()
+        self.wake_listener = WakeListener(self.redis, self.keys.wake(), self.woken)
+
+    def start(self) -> None:
+        self.wake_listener.start()
+        super().start()
 
     def stop(self) -> None:
         """Ask the thread to finish its pass and give up the lock."""
         self.stopping.set()
+        self.woken.set()
+        self.wake_listener.stop()
 
     def run(self) -> None:
         last_beat = 0.0
@@ -191,12 +203,20 @@ class SweeperThread(threading.Thread):
             except Exception:
                 log.exception("sweeper.pass_failed")
                 self.stopping.wait(1.0)
-            self.stopping.wait(max(0.0, self.interval - (time.monotonic() - started)))
+            self._pause(started)
         try:
             self._unlock(keys=[self.keys.sweeper_lock()], args=[self.identity])
             self.redis.zrem(self.keys.heartbeat(), self.identity)
         except redis.RedisError:
             pass
+
+    def _pause(self, started: float) -> None:
+        """Wait out the rest of the interval, or less when a producer wakes the sweeper."""
+        if self.woken.wait(max(0.0, self.interval - (time.monotonic() - started))):
+            # Woken: still no more than one pass per WOKEN_MIN_GAP, so a producer submitting
+            # one payment at a time, fast, cannot turn the sweeper into a busy loop.
+            self.stopping.wait(max(0.0, WOKEN_MIN_GAP - (time.monotonic() - started)))
+        self.woken.clear()
 
     def _heartbeat(self) -> None:
         seconds, micros = self.redis.time()

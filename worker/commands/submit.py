@@ -30,6 +30,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format", choices=["csv", "jsonl"], help="file format (default: by extension)"
     )
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait until the payment's hosted url is known and print it (one payment only)",
+    )
+    parser.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="with --wait: give up after this long, exit status 1 (default 30)",
+    )
     parser.add_argument("--json", action="store_true", help="print results as JSON lines")
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar on stderr for --file"
@@ -42,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_or_exit()
     producer = run_or_report(lambda: Producer.from_settings(settings))
     if args.file:
+        if args.wait:
+            print("paypoll submit: --wait takes one payment, not --file", file=sys.stderr)
+            return 2
         return _submit_file(producer, args)
     missing = [
         name for name in ("account", "amount", "redirect_url") if getattr(args, name) is None
@@ -59,10 +74,33 @@ def run(args: argparse.Namespace) -> int:
             reference_id=args.reference_id,
         )
     )
+    if args.wait:
+        return _wait_for_url(producer, args.account, ref, args.wait_timeout, as_json=args.json)
     if args.json:
         print_json({"account": args.account, "reference_id": ref, "state": "queued"})
     else:
         print(ref)
+    return 0
+
+
+def _wait_for_url(
+    producer: object, account: str, ref: str, timeout: float, *, as_json: bool
+) -> int:
+    """Print the hosted url once known (0), or why there is none (1)."""
+    from worker.producer import Producer
+
+    assert isinstance(producer, Producer)
+    record = run_or_report(lambda: producer.wait_for(ref, account=account, timeout=timeout))
+    if as_json:
+        print_json(
+            {"account": account, "reference_id": ref, "state": record.state, "url": record.url}
+        )
+    elif record.url:
+        print(record.url)
+    if not record.url:
+        reason = f": {record.last_error}" if record.last_error else ""
+        print(f"paypoll submit: {ref} is {record.state}, no url{reason}", file=sys.stderr)
+        return 1
     return 0
 
 

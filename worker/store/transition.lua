@@ -118,6 +118,9 @@ if current ~= target then
              'account', account, 'reference_id', ref, 'from', current, 'to', target, 'at', nstr,
              'payment_id', redis.call('HGET', KEYS[1], 'payment_id') or '',
              'error', redis.call('HGET', KEYS[1], 'last_error') or '')
+  -- For waiters (worker.wait_for, Keys.changes): the payment key's own channel; nothing is
+  -- kept, so a waiter subscribes before it reads the record.
+  redis.call('PUBLISH', KEYS[1] .. ':changed', target)
 end
 return {1, current, nstr, redis.call('HGET', KEYS[1], 'submitted_at') or '',
         redis.call('HGET', KEYS[1], 'polls') or '0', redis.call('HGET', KEYS[1], 'attempts') or '0'}

@@ -1,0 +1,52 @@
+"""Wake the sweeper when a producer records new work, instead of waiting for its next pass.
+
+Producers publish the account on ``Keys.wake()`` after a submit (``Producer.wake``). Each
+worker process runs one ``WakeListener``: a thread subscribed to that channel that sets an
+event the sweeper's loop waits on. Pub/sub keeps nothing, so this is only a shortcut: a wake
+lost to a reconnect costs one sweep interval, never a payment (the work is in Redis).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import redis
+import structlog
+
+log = structlog.get_logger("paypoll.wake")
+
+RECONNECT_PAUSE = 1.0  # seconds between two subscription attempts while Redis is away
+LISTEN_TIMEOUT = 1.0  # seconds a read may block, so stop() is seen promptly
+
+
+class WakeListener(threading.Thread):
+    """Sets ``event`` whenever a producer publishes on ``channel``, until ``stop()``."""
+
+    def __init__(self, redis_client: redis.Redis, channel: str, event: threading.Event) -> None:
+        super().__init__(name="paypoll-wake", daemon=True)
+        self.redis = redis_client
+        self.channel = channel
+        self.event = event
+        self.stopping = threading.Event()
+        self.subscribed = threading.Event()  # set while a subscription is live (for tests)
+
+    def stop(self) -> None:
+        """Finish within about LISTEN_TIMEOUT."""
+        self.stopping.set()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            try:
+                pubsub.subscribe(self.channel)
+                self.subscribed.set()
+                while not self.stopping.is_set():
+                    if pubsub.get_message(timeout=LISTEN_TIMEOUT) is not None:
+                        self.event.set()
+            except redis.RedisError as exc:
+                self.subscribed.clear()
+                log.warning("wake.redis_unavailable", error=str(exc))
+                self.stopping.wait(RECONNECT_PAUSE)
+            finally:
+                self.subscribed.clear()
+                pubsub.close()
