@@ -69,8 +69,8 @@ class Producer:
             redirect_url=redirect_url,
             reference_id=reference_id,
         )
-        self.store.submit(spec)
-        self.wake(spec.account)
+        if self.store.submit(spec):
+            self.wake(spec.account)  # a re-submit has its create scheduled already
         return spec.reference_id
 
     def wake(self, account: str) -> None:
@@ -94,8 +94,9 @@ class Producer:
             yield from self._submit_chunk(chunk)
 
     def _submit_chunk(self, chunk: list[PaymentSpec]) -> Iterator[bool | ValidationError]:
-        outcomes = list(self.store.submit_many(chunk))
-        for account in dict.fromkeys(spec.account for spec in chunk):
+        outcomes = self.store.submit_many(chunk)
+        recorded = (spec.account for spec, new in zip(chunk, outcomes, strict=True) if new is True)
+        for account in dict.fromkeys(recorded):
             self.wake(account)
         yield from outcomes
 
@@ -111,8 +112,8 @@ class Producer:
             raise ValidationError("payment_id", "is required: the id the API gave the payment")
         ref = validate_reference_id(reference_id) if reference_id else f"track-{payment_id}"
         validate_reference_id(ref)
-        self.store.register_tracking(account, ref, payment_id.strip())
-        self.wake(account)  # its first poll is due now
+        if self.store.register_tracking(account, ref, payment_id.strip()):
+            self.wake(account)  # its first poll is due now
         return ref
 
     def get_payment(self, reference_id: str, *, account: str | None = None) -> PaymentRecord:

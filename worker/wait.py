@@ -61,6 +61,16 @@ def wait_for(
     channel = store.keys.changes(account, reference_id)
     deadline = time.monotonic() + timeout
     last = ""
+
+    def timed_out() -> WaitTimeout:
+        return WaitTimeout(
+            account=account,
+            reference_id=reference_id,
+            states=tuple(sorted(wanted)),
+            last_state=last or "unknown",
+            timeout=timeout,
+        )
+
     while True:
         pubsub = store.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         try:
@@ -76,26 +86,14 @@ def wait_for(
                     return record
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise WaitTimeout(
-                        account=account,
-                        reference_id=reference_id,
-                        states=tuple(sorted(wanted)),
-                        last_state=last,
-                        timeout=timeout,
-                    )
+                    raise timed_out()
                 if pubsub.get_message(timeout=left) is not None:
                     fresh = store.get(account, reference_id)
                     record = fresh if fresh is not None else record
         except (redis.ConnectionError, redis.TimeoutError):
             # A message may have been missed while disconnected: subscribe and read again.
             if time.monotonic() + RECONNECT_PAUSE >= deadline:
-                raise WaitTimeout(
-                    account=account,
-                    reference_id=reference_id,
-                    states=tuple(sorted(wanted)),
-                    last_state=last or "unknown",
-                    timeout=timeout,
-                ) from None
+                raise timed_out() from None
             time.sleep(RECONNECT_PAUSE)
         finally:
             pubsub.close()
