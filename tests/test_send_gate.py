@@ -215,3 +215,53 @@ def test_a_create_whose_mark_made_it_late_is_not_sent(
         before_send=lambda: None,
     )
     assert made.id
+
+
+class SlowHeaders(GatedHTTPConnection):
+    """Building the request after the gate takes 40 ms: the stand-in for a thread descheduled
+    between the gate's check and the write (a CPU-starved host; not reproducible on demand)."""
+
+    slow = True
+
+    def putheader(self, header: str | bytes, *values: Any) -> None:
+        if SlowHeaders.slow and str(header).lower() == "accept":
+            time.sleep(0.040)
+        super().putheader(header, *values)
+
+
+class SlowHeadersPool(GatedHTTPConnectionPool):
+    ConnectionCls = SlowHeaders
+
+
+def test_a_call_made_late_after_its_gate_is_stopped_at_the_write(
+    strict_sandbox: RunningSandbox, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    # The gate's check passes (the slot is "now" on an idle key), then the headers take 40 ms:
+    # more than the slack a late call may use. The last check, run at the first write, finds
+    # the call late and sends nothing; a call whose headers are prompt goes through.
+    settings = Settings(api_url=strict_sandbox.url, key_prefix=key_prefix).with_accounts(
+        Account("slowhdr", CLIENT_ID, Secret(SECRET), rate=5.0)
+    )
+    limiter = RateLimiter(redis=redis_client, keys=Keys(key_prefix), max_wait=2.0)
+    session = new_session()
+    adapter = session.get_adapter(strict_sandbox.url)
+    assert isinstance(adapter, GatedAdapter)
+    adapter.poolmanager.pool_classes_by_scheme = {"http": SlowHeadersPool}
+    client = ApiClient(settings=settings, redis=redis_client, limiter=limiter, session=session)
+    SlowHeaders.slow = False
+    client.tokens.get(settings.account("slowhdr"))
+    SlowHeaders.slow = True
+    time.sleep(0.3)  # let the key go idle: the next slot is "now"
+    late_before = metrics.LIMITER_LATE.labels("slowhdr")._value.get()
+    with pytest.raises(SlotMissed) as caught:
+        client.get_payment("slowhdr", "no-such-payment")
+    assert caught.value.retry_safe
+    assert metrics.LIMITER_LATE.labels("slowhdr")._value.get() == late_before + 1
+    routes = strict_sandbox.stats(payments=False)["clients"][CLIENT_ID]["requests"]
+    assert set(routes) == {"POST /oauth/token"}  # the GET never reached the API
+    SlowHeaders.slow = False
+    with pytest.raises(NotFound):
+        client.get_payment("slowhdr", "no-such-payment")
+    routes = strict_sandbox.stats(payments=False)["clients"][CLIENT_ID]["requests"]
+    assert routes["GET /payments/request/{id}"] == {"404": 1}  # sent once, when on time
+    session.close()

@@ -332,10 +332,11 @@ class ApiClient:
         waited = 0.0
         started = time.perf_counter()  # reset when the slot is reached (a failed connect never is)
 
-        def when_connected() -> None:
+        def when_connected() -> Callable[[], None]:
             # The last step before the request is written, once the connection is made (a
             # connect after the slot would make the call late): sleep until the slot, then
-            # let the caller mark the request as sent.
+            # let the caller mark the request as sent. Returns the lateness check that the
+            # connection runs at the first write.
             nonlocal waited, started
             try:
                 slot = wait_for_slot()
@@ -344,20 +345,26 @@ class ApiClient:
             waited = slot.waited
             if before_send is not None:
                 before_send()
-                # The caller's step (a Redis write: with appendfsync always it can take tens of
-                # milliseconds) ran after the slot's lateness check: check again. Nothing is
-                # written yet, so giving up is safe, and cheaper than a 429 pausing the key.
+            started = time.perf_counter()
+
+            def still_on_time() -> None:
+                # Run again at the write: the caller's step (a Redis write: with appendfsync
+                # always it can take tens of milliseconds) and building the request ran after
+                # the slot's lateness check, and a starved host can deschedule this thread
+                # anywhere in between. Nothing is written yet, so giving up is safe, and
+                # cheaper than a 429 pausing the key.
                 if slot.late():
                     raise SlotMissed(
                         "too late for its rate-limit slot once ready to send; nothing was sent",
                         account=account.name,
                         endpoint=endpoint,
                     )
-            started = time.perf_counter()
+
+            return still_on_time
 
         gated, proxies = plan_send(session, prepared)
         if not gated:
-            when_connected()  # through a proxy: our pools are not used, so wait here
+            when_connected()()  # through a proxy: our pools are not used, so wait here
         status: int | None = None
         error: ApiError | None = None
         refused: BaseException | None = None

@@ -6,7 +6,10 @@ first connects, and over TLS that takes tens to hundreds of milliseconds: spent 
 slot, it makes the call that late, and a late call can share a 1-second window with the call
 ``rate`` slots after it (a 429). So the client books its slot first (cheap, and a far slot
 sends nothing), then lets the connection run the "gate" (sleep until the slot, check it is
-not late, mark a create as sent) once it is connected, right before the first byte goes out.
+not late, mark a create as sent) once it is connected. The gate may return a last check,
+run in ``send`` right before the first byte goes out: building the request line and headers
+after the gate is Python work, and on a CPU-starved host a thread can be descheduled there
+for tens of milliseconds; a check at the write leaves almost nothing after it.
 
 Only connections of the pools mounted by ``GatedAdapter`` run gates, and only for URLs that
 reach the API directly (``plan_send``): through a proxy the client runs the gate itself
@@ -40,11 +43,16 @@ class GateRefused(PaypollError):
         self.reason = reason
 
 
+#: What a gate returns: nothing, or a check to run right before the first byte is written
+#: (it raises to send nothing).
+LastCheck = Callable[[], None] | None
+
+
 @dataclass
 class PendingGate:
     """One exchange's gate; ``ran`` says whether a connection ran it."""
 
-    callback: Callable[[], None]
+    callback: Callable[[], LastCheck]
     ran: bool = False
 
 
@@ -52,8 +60,9 @@ _local = threading.local()
 
 
 @contextmanager
-def send_gate(callback: Callable[[], None]) -> Iterator[PendingGate]:
-    """Have the next request written by this thread run ``callback`` first, once connected."""
+def send_gate(callback: Callable[[], LastCheck]) -> Iterator[PendingGate]:
+    """Have the next request written by this thread run ``callback`` first, once connected,
+    and the check it returns (if any) right before the request's first byte is written."""
     pending = PendingGate(callback)
     _local.pending = pending
     try:
@@ -63,9 +72,11 @@ def send_gate(callback: Callable[[], None]) -> Iterator[PendingGate]:
 
 
 class _GatedConnectionMixin:
-    """Runs this thread's pending gate after connecting and before writing the request."""
+    """Runs this thread's pending gate after connecting and before writing the request, and
+    the gate's last check at the first write."""
 
     sock: Any
+    _last_check: LastCheck = None
 
     if TYPE_CHECKING:
 
@@ -78,10 +89,22 @@ class _GatedConnectionMixin:
             if self.sock is None:
                 self.connect()  # what urllib3 would do inside the request, done first
             try:
-                pending.callback()
+                self._last_check = pending.callback()
             except Exception as exc:
                 raise GateRefused(exc) from exc
-        super().request(method, url, *args, **kwargs)  # type: ignore[misc]
+        try:
+            super().request(method, url, *args, **kwargs)  # type: ignore[misc]
+        finally:
+            self._last_check = None
+
+    def send(self, data: Any) -> None:
+        last_check, self._last_check = self._last_check, None
+        if last_check is not None:
+            try:
+                last_check()
+            except Exception as exc:
+                raise GateRefused(exc) from exc
+        super().send(data)  # type: ignore[misc]
 
 
 class GatedHTTPConnection(_GatedConnectionMixin, HTTPConnection):
