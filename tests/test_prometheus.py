@@ -33,6 +33,7 @@ from tests.test_metrics_collectors import QUEUES, fill_queues, populate_store, r
 from tests.waiting import wait_until
 from worker.collectors import AccountLimitsCollector, StoreCollector
 from worker.exporter import MULTIPROC_ENV, Exporter, prepare_multiprocess_dir, start_exporter
+from worker.events import ensure_group
 from worker.keys import Keys
 from worker.polling.allocation import Plan
 from worker.polling.model import CompletionModel
@@ -56,6 +57,7 @@ def _workload(redis_url: str, prefix: str, stop: Any, started: Any) -> None:
     client = redis.Redis.from_url(redis_url)
     member = f"{socket.gethostname()}:{os.getpid()}"
     metrics.prime_accounts(["acme", "globex"], STATES)
+    metrics.prime_outbox(["paypoll-callbacks"], ["paid"])
     i = 0
     while not stop.is_set():
         seconds, micros = client.time()
@@ -68,6 +70,7 @@ def _workload(redis_url: str, prefix: str, stop: Any, started: Any) -> None:
             metrics.record_transition("acme", "paid")
             metrics.record_terminal("acme", "paid", 30.0 + i % 60, 3 + i % 5)
             metrics.record_detection_bound("acme", 0.5 + i % 5)
+            metrics.CALLBACKS_SENT.labels("paid").inc()
             if i % 4 == 0:
                 metrics.record_api_call("acme", "get", "429", 0.01)
                 metrics.record_penalty("acme")
@@ -110,6 +113,10 @@ def live_exporter(
     plans = PlanStore(redis=redis_client, keys=keys)
     plans.write_plans({"acme": (Plan.idle(), CompletionModel(), 4.5)})
     plans.take_shared_slot("acme")
+    # A consumer group of the events stream, one event delivered and not acknowledged.
+    ensure_group(redis_client, keys, "paypoll-callbacks", start="0")
+    redis_client.xadd(keys.events(), {"account": "acme", "reference_id": "r", "to": "paid"})
+    redis_client.xreadgroup("paypoll-callbacks", "c", {keys.events(): ">"}, count=1)
     # Only the workload process beats from now on (the populated beats would age out mid-test).
     redis_client.zrem(keys.heartbeat(), "host-a:11", "host-a:12")
     broker = fill_queues(redis_url, namespace)

@@ -155,6 +155,8 @@ def test_a_fresh_fleet_exposes_every_queried_series(
         api_url=sandbox.url,
         accounts_file=write_accounts(tmp_path, CLIENTS, 5),
         key_prefix=key_prefix,
+        # The outbox's consumer group exists from the start: its lag series too.
+        callback_actor="shop-events:payment_done",
     )
     url = f"http://127.0.0.1:{env['PAYPOLL_METRICS_PORT']}/metrics"
     with running_fleet(env, processes=1, threads=2) as fleet:

@@ -5,6 +5,11 @@ The public Python interface::
     import worker
     ref = worker.submit_payment(account="acme", amount="100", redirect_url="https://x.test/ok")
     worker.get_payment(ref).state        # 'queued', 'pending', 'paid', ...
+    worker.wait_for(ref).url             # blocks until the hosted url is known
+    with worker.events(group="shop", consumer="web-1") as events:  # every transition
+        for event in events:
+            handle(event)
+            events.ack(event)                # at-least-once: unacked events come back
 
 Settings come from ``PAYPOLL_*`` environment variables unless a ``Producer`` is passed.
 Names are imported on first use, so ``import worker`` (and every ``paypoll`` command) stays
@@ -20,8 +25,10 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from worker.errors import PaypollError, ValidationError, WaitTimeout
+    from worker.events import Event, Subscription
     from worker.producer import (
         Producer,
+        events,
         get_payment,
         list_payments,
         submit_payment,
@@ -35,7 +42,10 @@ _EXPORTS = {
     "PaypollError": "worker.errors",
     "ValidationError": "worker.errors",
     "WaitTimeout": "worker.errors",
+    "Event": "worker.events",
+    "Subscription": "worker.events",
     "Producer": "worker.producer",
+    "events": "worker.producer",
     "get_payment": "worker.producer",
     "list_payments": "worker.producer",
     "submit_payment": "worker.producer",
@@ -49,16 +59,19 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "Event",
     "PaymentRecord",
     "PaypollError",
     "Producer",
     "SharedLimiter",
     "SlotTimeout",
     "State",
+    "Subscription",
     "ValidationError",
     "WaitTimeout",
     "__version__",
     "api_slot",
+    "events",
     "get_payment",
     "list_payments",
     "submit_payment",

@@ -1,4 +1,4 @@
-"""The dramatiq side: the broker, the two actors, and the callback to users' code.
+"""The dramatiq side: the broker and the two actors (callbacks: worker/outbox.py).
 
 Actors are declared on a broker passed in (no global broker, no connection at import time). Each
 worker process builds one Runtime and installs it with :func:`install_runtime` before its dramatiq
@@ -144,24 +144,3 @@ def declare_actors(broker: RedisBroker, settings: Settings) -> Actors:
         actor_name=TRACK_ACTOR, queue_name=TRACK_QUEUE, broker=broker, **options
     )(_track)
     return Actors(create=create, track=track)
-
-
-def callback_sender(broker: RedisBroker, spec: str) -> Any:
-    """A function sending each final transition to the user's actor named by ``spec``
-    ('actor' or 'queue:actor'), as one dict argument:
-    {account, reference_id, state}. The user's own workers declare and run that actor."""
-    queue, _, actor = spec.rpartition(":")
-    queue = queue or "default"
-
-    def on_final(account: str, reference_id: str, state: str) -> None:
-        broker.enqueue(
-            dramatiq.Message(
-                queue_name=queue,
-                actor_name=actor,
-                args=({"account": account, "reference_id": reference_id, "state": state},),
-                kwargs={},
-                options={},
-            )
-        )
-
-    return on_final

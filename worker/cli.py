@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "track": "worker.commands.track",
     "status": "worker.commands.status",
     "list": "worker.commands.listing",
+    "events": "worker.commands.events",
     "resolve": "worker.commands.resolve",
     "doctor": "worker.commands.doctor",
     "top": "worker.commands.top",

@@ -24,6 +24,8 @@ from prometheus_client.registry import Collector
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from worker import defaults
+from worker.events import GroupLag, group_lags
 from worker.keys import Keys
 from worker.polling.gauges import planner_families, read_planner
 from worker.settings import Account
@@ -186,8 +188,10 @@ class StoreCollector(Collector):
         queues: Sequence[str],
         accounts: Iterable[str] = (),
         heartbeat_stale_after: float = HEARTBEAT_STALE_AFTER,
+        events_cap: int = defaults.EVENTS_MAXLEN,
     ) -> None:
         self._redis = redis
+        self._events_cap = events_cap
         self._accounts = tuple(accounts)
         self._keys = keys
         self._namespace = namespace
@@ -205,6 +209,7 @@ class StoreCollector(Collector):
         accounts: Iterable[str] = (),
         timeout: float = SCRAPE_REDIS_TIMEOUT,
         heartbeat_stale_after: float = HEARTBEAT_STALE_AFTER,
+        events_cap: int = defaults.EVENTS_MAXLEN,
     ) -> StoreCollector:
         """A collector with its own client: ``timeout`` per socket operation and no retries.
 
@@ -225,6 +230,7 @@ class StoreCollector(Collector):
             queues=queues,
             accounts=accounts,
             heartbeat_stale_after=heartbeat_stale_after,
+            events_cap=events_cap,
         )
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
@@ -255,6 +261,7 @@ class StoreCollector(Collector):
         accounts = sorted({account for account, _ in snapshot.payments})
         try:
             planner = read_planner(self._redis, self._keys, accounts, snapshot.now)
+            events = read_events(self._redis, self._keys)
         except redis.RedisError as exc:
             log.warning("metrics: cannot read the planner from Redis: %s", type(exc).__name__)
             up.add_metric([], 0)
@@ -264,6 +271,7 @@ class StoreCollector(Collector):
         yield up
         yield from self._families(snapshot)
         yield from planner_families(planner)
+        yield from self._event_families(events)
         took = GaugeMetricFamily(
             "paypoll_store_scrape_seconds", "Time the exporter took to read the store from Redis"
         )
@@ -351,6 +359,53 @@ class StoreCollector(Collector):
         )
         registered.add_metric([], snap.workers_registered)
         yield registered
+
+    def _event_families(self, events: EventsSnapshot) -> Iterator[GaugeMetricFamily]:
+        length = GaugeMetricFamily(
+            "paypoll_events_stream_length", "Entries in the events stream (trimmed at its cap)"
+        )
+        length.add_metric([], events.length)
+        yield length
+        cap = GaugeMetricFamily(
+            "paypoll_events_stream_cap",
+            "Approximate cap of the events stream (PAYPOLL_EVENTS_MAXLEN)",
+        )
+        cap.add_metric([], self._events_cap)
+        yield cap
+        lag = GaugeMetricFamily(
+            "paypoll_events_group_lag",
+            "Events a consumer group has not been delivered yet; at the cap they are trimmed",
+            labels=["group"],
+        )
+        pending = GaugeMetricFamily(
+            "paypoll_events_group_pending",
+            "Events delivered to a consumer group's consumers and not acknowledged yet",
+            labels=["group"],
+        )
+        consumers = GaugeMetricFamily(
+            "paypoll_events_group_consumers",
+            "Consumers known to a consumer group of the events stream",
+            labels=["group"],
+        )
+        for group in events.groups:
+            # Redis cannot count a lag across a gap (trimmed unread events): show all of it.
+            lag.add_metric([group.group], events.length if group.lag is None else group.lag)
+            pending.add_metric([group.group], group.pending)
+            consumers.add_metric([group.group], group.consumers)
+        yield from (lag, pending, consumers)
+
+
+@dataclass(frozen=True)
+class EventsSnapshot:
+    """The events stream's length and its consumer groups."""
+
+    length: int
+    groups: list[GroupLag]
+
+
+def read_events(client: redis.Redis, keys: Keys) -> EventsSnapshot:
+    """The events stream's length and every consumer group's lag (two round trips)."""
+    return EventsSnapshot(length=int(client.xlen(keys.events())), groups=group_lags(client, keys))
 
 
 class AccountLimitsCollector(Collector):

@@ -68,6 +68,11 @@ SWEEP_INTERVAL = 0.25  # seconds between sweeper passes: how late a due step may
 SWEEP_GRACE = 30.0  # seconds a dispatched step may take before it is dispatched again
 SWEEP_BATCH = 500  # due steps dispatched per pass and account
 EVENTS_MAXLEN = 100_000  # approximate length cap of the events stream
+# Milliseconds an idle dramatiq worker waits on its queue before fetching again (dramatiq's
+# worker_timeout; its default is 1000). A message enqueued meanwhile waits up to this long:
+# 250 put about 125 ms on an idle key's create (issue 12's wait floor is 150 ms + the API's
+# answer); 50 costs one Redis round trip per idle consumer every 50 ms.
+WORKER_IDLE_FETCH_MS = 50
 
 # --- observability -----------------------------------------------------------------------------
 METRICS_HOST = "127.0.0.1"  # loopback unless told otherwise: metrics are not public by default

@@ -27,6 +27,7 @@ from types import FrameType
 
 import structlog
 
+from worker import defaults
 from worker.settings import Settings
 
 log = structlog.get_logger("paypoll.fleet")
@@ -61,7 +62,6 @@ def worker_process_main(settings: Settings, threads: int, index: int) -> None:
         QUEUES,
         TRACK_ACTOR,
         build_broker,
-        callback_sender,
         declare_actors,
         install_runtime,
     )
@@ -71,6 +71,12 @@ def worker_process_main(settings: Settings, threads: int, index: int) -> None:
     from worker.sweeper import Sweeper, SweeperThread
 
     configure_logging(fmt=settings.log_format, level=settings.log_level)
+    from worker.outbox import CALLBACK_GROUP, CALLBACK_STATES
+
+    metrics.prime_outbox(
+        [CALLBACK_GROUP] if settings.callback_actor else [],
+        sorted(CALLBACK_STATES) if settings.callback_actor else [],
+    )
     # Every account's series exist from the start, so Prometheus sees their first increase.
     metrics.prime_accounts(
         settings.accounts,
@@ -89,11 +95,29 @@ def worker_process_main(settings: Settings, threads: int, index: int) -> None:
     runtime = Runtime.build(settings)
     broker = build_broker(settings)
     actors = declare_actors(broker, settings)
-    if settings.callback_actor:
-        runtime.on_final = callback_sender(broker, settings.callback_actor)
     install_runtime(runtime)
-    worker = Worker(broker, queues=set(QUEUES), worker_threads=threads, worker_timeout=250)
+    worker = Worker(
+        broker,
+        queues=set(QUEUES),
+        worker_threads=threads,
+        worker_timeout=defaults.WORKER_IDLE_FETCH_MS,
+    )
     worker.start()
+    outbox = None
+    if settings.callback_actor and index == 0:
+        # One sender per fleet is plenty (a callback is one enqueue); others take over its
+        # pending callbacks if this process dies for good.
+        from worker.outbox import CallbackOutbox, consumer_name
+
+        outbox = CallbackOutbox(
+            client=runtime.redis,
+            keys=runtime.keys,
+            broker=broker,
+            actor_spec=settings.callback_actor,
+            consumer=consumer_name(index),
+            events_cap=settings.events_maxlen,
+        )
+        outbox.start()
     sweeper = SweeperThread(
         Sweeper(settings=settings, store=runtime.store, send=actors.send),
         redis_client=runtime.redis,
@@ -104,6 +128,9 @@ def worker_process_main(settings: Settings, threads: int, index: int) -> None:
     log.info("worker.stopping", index=index, pid=os.getpid())
     sweeper.stop()
     worker.stop(timeout=int(STOP_TIMEOUT * 1000))
+    if outbox is not None:
+        outbox.stop()
+        outbox.join(timeout=5)
     sweeper.join(timeout=5)
     broker.close()
     log.info("worker.stopped", index=index, pid=os.getpid())
@@ -158,6 +185,7 @@ class Fleet:
                     namespace=self.settings.namespace,
                     queues=QUEUES,
                     accounts=self.settings.accounts,
+                    events_cap=self.settings.events_maxlen,
                 ),
                 AccountLimitsCollector.from_accounts(self.settings.accounts.values()),
             ]
@@ -174,6 +202,7 @@ class Fleet:
                 raise
             log.info("metrics.serving", url=exporter.url)
 
+        self._prepare_event_groups()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: self.stopping.set())
         ctx = multiprocessing.get_context("spawn")
@@ -214,6 +243,27 @@ class Fleet:
             if made_dir:
                 shutil.rmtree(path, ignore_errors=True)
         return 0
+
+    def _prepare_event_groups(self) -> None:
+        """Create the consumer groups this fleet's outbox readers use before any worker runs a
+        step: a group starts at the stream's end, so a transition made before it would never
+        be sent. A Redis that does not answer yet is left to the readers (they create the
+        group themselves) rather than stopping the fleet."""
+        if not self.settings.callback_actor:
+            return
+        import redis
+
+        from worker.connection import connect_redis
+        from worker.keys import Keys
+        from worker.outbox import prepare
+
+        client = connect_redis(self.settings.redis_url)
+        try:
+            prepare(client, Keys(self.settings.key_prefix))
+        except redis.RedisError as exc:
+            log.warning("events.prepare_failed", error=type(exc).__name__)
+        finally:
+            client.close()
 
     def stop(self) -> None:
         """Ask the fleet to stop (as SIGTERM does)."""

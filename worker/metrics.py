@@ -197,6 +197,26 @@ def record_job(actor: str, outcome: str, seconds: float) -> None:
 
 
 # The API client's endpoints, and the status of a success on each (api-contract.md).
+EVENTS_TRIMMED_UNREAD = Counter(
+    "paypoll_events_trimmed_unread_total",
+    "Events the stream's cap trimmed before a consumer group read and acknowledged them",
+    ["group"],
+)
+CALLBACKS_SENT = Counter(
+    "paypoll_callbacks_sent_total",
+    "Final transitions sent to the user's callback actor (PAYPOLL_CALLBACK_ACTOR), by state",
+    ["state"],
+)
+
+
+def prime_outbox(groups: Iterable[str], final_states: Iterable[str] = ()) -> None:
+    """Create the series of the events consumers this process runs, at 0 (see prime_accounts)."""
+    for group in groups:
+        EVENTS_TRIMMED_UNREAD.labels(group)
+    for state in final_states:
+        CALLBACKS_SENT.labels(state)
+
+
 ENDPOINTS = ("token", "create", "get")
 SUCCESS_STATUS = "200"
 # Token failure reasons primed at 0: 403 (credentials refused, its own alert), the statuses and

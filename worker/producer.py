@@ -17,6 +17,7 @@ import redis
 
 from worker.connection import connect_redis
 from worker.errors import ValidationError
+from worker.events import RECLAIM_AFTER, Subscription
 from worker.keys import Keys
 from worker.settings import Settings, load_settings
 from worker.store import PaymentRecord, PaymentSpec, PaymentStore
@@ -144,6 +145,29 @@ class Producer:
             account = self.get_payment(reference_id).account
         return _wait_for(self.store, reference_id, account=account, states=states, timeout=timeout)
 
+    def events(
+        self,
+        *,
+        group: str,
+        consumer: str,
+        start: str = "$",
+        accounts: Iterable[str] | None = None,
+        reclaim_after: float = RECLAIM_AFTER,
+    ) -> Subscription:
+        """Payment transitions through consumer group ``group`` (created at ``start`` when new:
+        ``$`` from now on, ``0`` the whole stream), as ``consumer``: iterate, and ``ack`` each
+        event once handled. At-least-once; see worker/events.py."""
+        return Subscription(
+            self.store.redis,
+            self.store.keys,
+            group=group,
+            consumer=consumer,
+            start=start,
+            accounts=accounts,
+            reclaim_after=reclaim_after,
+            events_cap=self.settings.events_maxlen,
+        )
+
     def list_payments(
         self, *, account: str | None = None, state: str | None = None
     ) -> Iterator[PaymentRecord]:
@@ -219,6 +243,28 @@ def wait_for(
     ``timeout`` seconds."""
     return (producer or default_producer()).wait_for(
         reference_id, account=account, states=states, timeout=timeout
+    )
+
+
+def events(
+    *,
+    group: str,
+    consumer: str,
+    start: str = "$",
+    accounts: Iterable[str] | None = None,
+    reclaim_after: float = RECLAIM_AFTER,
+    producer: Producer | None = None,
+) -> Subscription:
+    """Payment transitions through a Redis consumer group, at-least-once with explicit ack::
+
+        with worker.events(group="shop", consumer="web-1") as events:
+            for event in events:
+                handle(event)
+                events.ack(event)
+
+    See :meth:`Producer.events`."""
+    return (producer or default_producer()).events(
+        group=group, consumer=consumer, start=start, accounts=accounts, reclaim_after=reclaim_after
     )
 
 

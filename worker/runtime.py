@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from redis import Redis
@@ -33,8 +32,6 @@ class Runtime:
     plans: PlanStore
     timer: PollTimer
     rng: random.Random = field(default_factory=random.Random)
-    on_final: Callable[[str, str, str], None] | None = None
-    """Called with (account, reference_id, state) after a payment reaches a final state."""
 
     @classmethod
     def build(cls, settings: Settings, *, redis_client: Redis | None = None) -> Runtime:

@@ -288,7 +288,10 @@ ENV_HELP: dict[str, tuple[Callable[[str], Any], str]] = {
     "sweep_interval": (_parse_positive_float, "Seconds between dispatcher/sweeper passes"),
     "sweep_grace": (_parse_positive_float, "Seconds a dispatched step may take before re-dispatch"),
     "events_maxlen": (_parse_positive_int, "Approximate cap of the events stream"),
-    "callback_actor": (str, "dramatiq actor sent each terminal transition (empty: none)"),
+    "callback_actor": (
+        str,
+        "[queue:]actor of your dramatiq app sent each final state, at-least-once (empty: none)",
+    ),
     "metrics_host": (_parse_str, "Address the metrics endpoint binds"),
     "metrics_port": (_parse_port, "Port of the metrics endpoint"),
     "metrics_dir": (

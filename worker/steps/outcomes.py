@@ -51,7 +51,8 @@ def describe(exc: ApiError) -> str:
 
 
 def record_move(rt: Runtime, rec: PaymentRecord, target: State, moved: Transition) -> None:
-    """Metrics, log and callback for a transition that happened."""
+    """Metrics and log of a transition that happened (callbacks and webhooks read the events
+    stream the transition was written to: worker/outbox.py)."""
     if not moved.moved or moved.previous == target.value:
         return
     metrics.record_transition(rec.account, target.value)
@@ -64,8 +65,6 @@ def record_move(rt: Runtime, rec: PaymentRecord, target: State, moved: Transitio
     ):
         since = moved.now - moved.submitted_at if moved.submitted_at else 0.0
         metrics.record_terminal(rec.account, target.value, since, moved.polls)
-        if rt.on_final is not None:
-            rt.on_final(rec.account, rec.reference_id, target.value)
 
 
 def hold_fields(rec: PaymentRecord, hold: float | None = None) -> dict[str, str]:
