@@ -207,6 +207,41 @@ def test_the_planner_spends_the_budget_and_learns_completions(
     assert total == pytest.approx(1000.0)
 
 
+def test_a_woken_busy_key_creates_at_once_with_a_call_borrowed_from_its_polls(
+    store: PaymentStore, redis_url: str, key_prefix: str
+) -> None:
+    settings = _settings(redis_url, key_prefix)
+    clock = [0.0]
+    planner = PollPlanner(
+        settings=settings,
+        store=PlanStore(redis=store.redis, keys=store.keys),
+        clock=lambda: clock[0],
+    )
+    for i in range(50):
+        _pending(store, f"p{i}")
+    first = planner.quotas({"acme": False})["acme"]
+    assert first.creates == 1  # a fresh planner creates at once
+    planner.spent("acme", first.polls, first.creates)
+    # A busy key: polls take 0.9 of the rate, creates accrue 0.5/s: none for 2 s...
+    clock[0] += 0.25
+    pace = planner.quotas({"acme": False})["acme"]
+    assert pace.creates == 0
+    planner.spent("acme", pace.polls, 0)
+    # ...unless a producer woke the sweeper for this key: one create now, paid by the polls.
+    clock[0] += 0.25
+    woken = planner.quotas({"acme": False}, woken={"acme"})["acme"]
+    assert woken.creates == 1
+    planner.spent("acme", woken.polls, woken.creates)
+    # The polls pay it back: over the next 2 s they get about one call fewer than 4.5/s.
+    polls = 0
+    for _ in range(8):
+        clock[0] += 0.25
+        later = planner.quotas({"acme": False})["acme"]
+        planner.spent("acme", later.polls, later.creates)
+        polls += later.polls
+    assert polls + woken.polls == round(4.5 * 2.25) - 1  # without the loan: 10
+
+
 def test_shared_slots_come_from_the_fleets_limiter_and_are_counted(
     redis_client: redis.Redis, redis_url: str, key_prefix: str, keys: Keys
 ) -> None:

@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 import redis
@@ -105,8 +105,9 @@ class Sweeper:
         """Configured accounts: only these can be served by this fleet's credentials."""
         return self.settings.accounts.keys()
 
-    def run_pass(self) -> PassResult:
-        """One pass over every account (one Redis round trip for all claims); the counts."""
+    def run_pass(self, woken: Collection[str] = ()) -> PassResult:
+        """One pass over every account (one Redis round trip for all claims); the counts.
+        ``woken``: accounts producers just recorded work for (their creates go first)."""
         result = PassResult()
         s = self.settings
         budgets = {
@@ -118,7 +119,7 @@ class Sweeper:
         paces = None
         if self.planner is not None:
             waiting = {a: self._creates_waiting.get(a, False) for a in budgets}
-            paces = self.planner.quotas(waiting)
+            paces = self.planner.quotas(waiting, woken=woken)
         claims = self.store.claim_due_many(
             budgets, lease=s.sweep_grace, batch=self.batch, paces=paces
         )
@@ -195,7 +196,7 @@ class SweeperThread(threading.Thread):
                     )
                 )
                 if self.holding:
-                    self.sweeper.run_pass()
+                    self.sweeper.run_pass(self.wake_listener.take_accounts())
             except redis.RedisError as exc:
                 # Redis restarting or unreachable: keep trying; the schedule lives in Redis.
                 log.warning("sweeper.redis_unavailable", error=str(exc))

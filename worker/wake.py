@@ -29,6 +29,14 @@ class WakeListener(threading.Thread):
         self.event = event
         self.stopping = threading.Event()
         self.subscribed = threading.Event()  # set while a subscription is live (for tests)
+        self._accounts: set[str] = set()
+        self._accounts_lock = threading.Lock()
+
+    def take_accounts(self) -> set[str]:
+        """The accounts woken since the last call (what producers published), cleared."""
+        with self._accounts_lock:
+            taken, self._accounts = self._accounts, set()
+        return taken
 
     def stop(self) -> None:
         """Finish within about LISTEN_TIMEOUT."""
@@ -41,7 +49,13 @@ class WakeListener(threading.Thread):
                 pubsub.subscribe(self.channel)
                 self.subscribed.set()
                 while not self.stopping.is_set():
-                    if pubsub.get_message(timeout=LISTEN_TIMEOUT) is not None:
+                    message = pubsub.get_message(timeout=LISTEN_TIMEOUT)
+                    if message is not None:
+                        data = message.get("data")
+                        if isinstance(data, bytes | str):
+                            account = data.decode() if isinstance(data, bytes) else data
+                            with self._accounts_lock:
+                                self._accounts.add(account)
                         self.event.set()
             except redis.RedisError as exc:
                 self.subscribed.clear()

@@ -228,4 +228,14 @@ class PollPacer:
 
     def spend(self, polls: int) -> None:
         """Take ``polls`` dispatched polls off the credit."""
-        self.credit = max(0.0, self.credit - polls)
+        self.credit = max(min(self.credit, 0.0), self.credit - polls)
+
+    def lend_one(self, to: PollPacer) -> bool:
+        """Move one whole call of credit to ``to`` when it has none (its quota is 0): this
+        pacer's credit may go below zero, and it pays the call back from what it accrues, so
+        the two together never spend more than their budgets. True when lent."""
+        if to.quota() > 0:
+            return False
+        self.credit -= 1.0
+        to.credit += 1.0
+        return True
