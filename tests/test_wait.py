@@ -91,8 +91,12 @@ def test_wait_for_a_final_state_and_a_clear_timeout_without_polling_redis(
     assert (error.account, error.reference_id, error.last_state) == ("acme", ref, "queued")
     assert "w2" in str(error) and "paid" in str(error) and "queued" in str(error)
     _create_later(producer.store, ref, 0.2).join()
-    threading.Timer(0.3, lambda: producer.store.transition("acme", ref, State.PAID)).start()
+    payer = threading.Timer(0.3, lambda: producer.store.transition("acme", ref, State.PAID))
+    payer.start()
     assert producer.wait_for(ref, states=["paid", "expired"], timeout=10).state == "paid"
+    # The waiter returns on the script's publish, before the payer has read the script's
+    # reply: let it finish before the fixture closes the connections.
+    payer.join(10)
 
 
 def test_wait_for_refuses_what_it_cannot_wait_for(producer: Producer) -> None:
