@@ -317,6 +317,10 @@ def test_procfile_commands_run() -> None:
 
 # --- config examples and the README's configuration reference -----------------------------
 def _default_text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, tuple):
+        return ",".join(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):

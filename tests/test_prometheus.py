@@ -32,8 +32,8 @@ from tests.prometheus_server import scrape as scrape_text
 from tests.test_metrics_collectors import QUEUES, fill_queues, populate_store, redis_now
 from tests.waiting import wait_until
 from worker.collectors import AccountLimitsCollector, StoreCollector
-from worker.exporter import MULTIPROC_ENV, Exporter, prepare_multiprocess_dir, start_exporter
 from worker.events import ensure_group
+from worker.exporter import MULTIPROC_ENV, Exporter, prepare_multiprocess_dir, start_exporter
 from worker.keys import Keys
 from worker.polling.allocation import Plan
 from worker.polling.model import CompletionModel
@@ -58,6 +58,7 @@ def _workload(redis_url: str, prefix: str, stop: Any, started: Any) -> None:
     member = f"{socket.gethostname()}:{os.getpid()}"
     metrics.prime_accounts(["acme", "globex"], STATES)
     metrics.prime_outbox(["paypoll-callbacks"], ["paid"])
+    metrics.prime_webhooks(["global"])
     i = 0
     while not stop.is_set():
         seconds, micros = client.time()
@@ -71,6 +72,8 @@ def _workload(redis_url: str, prefix: str, stop: Any, started: Any) -> None:
             metrics.record_terminal("acme", "paid", 30.0 + i % 60, 3 + i % 5)
             metrics.record_detection_bound("acme", 0.5 + i % 5)
             metrics.CALLBACKS_SENT.labels("paid").inc()
+            metrics.WEBHOOK_DELIVERIES.labels("global", "2xx").inc()
+            metrics.WEBHOOK_LAG_SECONDS.labels("global").observe(0.02 + 0.01 * (i % 7))
             if i % 4 == 0:
                 metrics.record_api_call("acme", "get", "429", 0.01)
                 metrics.record_penalty("acme")
@@ -117,6 +120,16 @@ def live_exporter(
     ensure_group(redis_client, keys, "paypoll-callbacks", start="0")
     redis_client.xadd(keys.events(), {"account": "acme", "reference_id": "r", "to": "paid"})
     redis_client.xreadgroup("paypoll-callbacks", "c", {keys.events(): ">"}, count=1)
+    # A webhook waiting for its endpoint, and one dead letter.
+    webhook = {
+        "msg_id": "msg_1",
+        "type": "payment.paid",
+        "body": "{}",
+        "at": "1",
+        "account": "acme",
+    }
+    redis_client.xadd(keys.webhook("global", "queue"), webhook)
+    redis_client.xadd(keys.webhook("global", "dead"), webhook)
     # Only the workload process beats from now on (the populated beats would age out mid-test).
     redis_client.zrem(keys.heartbeat(), "host-a:11", "host-a:12")
     broker = fill_queues(redis_url, namespace)
@@ -128,7 +141,13 @@ def live_exporter(
         port=0,
         multiprocess_dir=directory,
         collectors=[
-            StoreCollector.from_url(redis_url, keys=keys, namespace=namespace, queues=QUEUES),
+            StoreCollector.from_url(
+                redis_url,
+                keys=keys,
+                namespace=namespace,
+                queues=QUEUES,
+                webhook_endpoints=["global"],
+            ),
             AccountLimitsCollector.from_accounts(
                 [Account("acme", "id-a", Secret("x"), 5.0), Account("globex", "id-g", Secret("y"))]
             ),

@@ -18,6 +18,7 @@ from tests.prometheus_server import running_prometheus, samples, scrape
 from tests.sandbox_fixture import RunningSandbox, running_sandbox
 from tests.test_prometheus import ALERTS, dashboard_queries
 from tests.waiting import wait_until
+from tests.webhook_receiver import WebhookReceiver, new_secret
 from worker.producer import Producer
 from worker.settings import load_settings
 from worker.store import FINAL
@@ -53,8 +54,14 @@ def _sum(found: dict[Any, float], name: str, **labels: str) -> float:
 
 @pytest.mark.prometheus
 def test_prometheus_scrapes_a_real_fleet(
-    tmp_path: Path, redis_url: str, sandbox: RunningSandbox, key_prefix: str
+    tmp_path: Path,
+    redis_url: str,
+    sandbox: RunningSandbox,
+    key_prefix: str,
+    request: pytest.FixtureRequest,
 ) -> None:
+    receiver = WebhookReceiver(secret=new_secret())  # webhooks delivered: lag and outcomes
+    receiver.up()
     env = paypoll_env(
         redis_url=redis_url,
         api_url=sandbox.url,
@@ -64,8 +71,11 @@ def test_prometheus_scrapes_a_real_fleet(
         poll_max_delay=1.0,
         # Final states go to an actor no one runs: the outbox's group and counters are live.
         callback_actor="shop-events:payment_done",
+        webhook_url=receiver.url,
+        webhook_secret=receiver.secret,
     )
     target = f"127.0.0.1:{env['PAYPOLL_METRICS_PORT']}"
+    request.addfinalizer(receiver.down)
     producer = Producer.from_settings(load_settings(env))
     with (
         running_fleet(env, processes=2, threads=4) as fleet,

@@ -24,6 +24,7 @@ from tests.prometheus_server import samples, scrape
 from tests.sandbox_fixture import RunningSandbox, running_sandbox
 from tests.test_prometheus import ALERTS, DASHBOARD, GRAFANA_VARIABLES
 from tests.waiting import wait_until
+from tests.webhook_receiver import new_secret
 
 CLIENTS = {"acme": "s3cret-acme-Hq2", "globex": "s3cret-globex-Lp7"}
 
@@ -157,6 +158,9 @@ def test_a_fresh_fleet_exposes_every_queried_series(
         key_prefix=key_prefix,
         # The outbox's consumer group exists from the start: its lag series too.
         callback_actor="shop-events:payment_done",
+        # A webhook endpoint (nothing is sent: no payment): its series exist from the start.
+        webhook_url="http://127.0.0.1:9/hooks",
+        webhook_secret=new_secret(),
     )
     url = f"http://127.0.0.1:{env['PAYPOLL_METRICS_PORT']}/metrics"
     with running_fleet(env, processes=1, threads=2) as fleet:

@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "status": "worker.commands.status",
     "list": "worker.commands.listing",
     "events": "worker.commands.events",
+    "webhooks": "worker.commands.webhooks",
     "resolve": "worker.commands.resolve",
     "doctor": "worker.commands.doctor",
     "top": "worker.commands.top",

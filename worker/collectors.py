@@ -189,9 +189,11 @@ class StoreCollector(Collector):
         accounts: Iterable[str] = (),
         heartbeat_stale_after: float = HEARTBEAT_STALE_AFTER,
         events_cap: int = defaults.EVENTS_MAXLEN,
+        webhook_endpoints: Iterable[str] = (),
     ) -> None:
         self._redis = redis
         self._events_cap = events_cap
+        self._webhook_endpoints = tuple(webhook_endpoints)
         self._accounts = tuple(accounts)
         self._keys = keys
         self._namespace = namespace
@@ -210,6 +212,7 @@ class StoreCollector(Collector):
         timeout: float = SCRAPE_REDIS_TIMEOUT,
         heartbeat_stale_after: float = HEARTBEAT_STALE_AFTER,
         events_cap: int = defaults.EVENTS_MAXLEN,
+        webhook_endpoints: Iterable[str] = (),
     ) -> StoreCollector:
         """A collector with its own client: ``timeout`` per socket operation and no retries.
 
@@ -231,6 +234,7 @@ class StoreCollector(Collector):
             accounts=accounts,
             heartbeat_stale_after=heartbeat_stale_after,
             events_cap=events_cap,
+            webhook_endpoints=webhook_endpoints,
         )
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
@@ -262,6 +266,7 @@ class StoreCollector(Collector):
         try:
             planner = read_planner(self._redis, self._keys, accounts, snapshot.now)
             events = read_events(self._redis, self._keys)
+            webhooks = read_webhooks(self._redis, self._keys, self._webhook_endpoints, snapshot.now)
         except redis.RedisError as exc:
             log.warning("metrics: cannot read the planner from Redis: %s", type(exc).__name__)
             up.add_metric([], 0)
@@ -272,6 +277,7 @@ class StoreCollector(Collector):
         yield from self._families(snapshot)
         yield from planner_families(planner)
         yield from self._event_families(events)
+        yield from _webhook_families(webhooks)
         took = GaugeMetricFamily(
             "paypoll_store_scrape_seconds", "Time the exporter took to read the store from Redis"
         )
@@ -406,6 +412,85 @@ class EventsSnapshot:
 def read_events(client: redis.Redis, keys: Keys) -> EventsSnapshot:
     """The events stream's length and every consumer group's lag (two round trips)."""
     return EventsSnapshot(length=int(client.xlen(keys.events())), groups=group_lags(client, keys))
+
+
+@dataclass(frozen=True)
+class WebhookEndpointSnapshot:
+    """One webhook endpoint's queue and state."""
+
+    backlog: int
+    oldest_seconds: float  # age of its oldest undelivered webhook's transition (0: none)
+    dead_letters: int
+    status: str
+
+
+def read_webhooks(
+    client: redis.Redis, keys: Keys, configured: Iterable[str], now: float
+) -> dict[str, WebhookEndpointSnapshot]:
+    """Every webhook endpoint (configured, or with webhooks routed to it): two round trips.
+
+    Layout (worker/webhooks/queue.py): ``keys.webhook(e, "queue")`` stream of undelivered
+    webhooks (field ``at``: the transition's time), ``keys.webhook(e, "dead")`` stream of dead
+    letters, ``keys.webhook(e, "state")`` hash with ``status``."""
+    names = sorted({_text(n) for n in client.smembers(keys.webhook_endpoints())} | set(configured))
+    if not names:
+        return {}
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.xlen(keys.webhook(name, "queue"))
+        pipe.xrange(keys.webhook(name, "queue"), count=1)
+        pipe.xlen(keys.webhook(name, "dead"))
+        pipe.hget(keys.webhook(name, "state"), "status")
+    replies: list[Any] = pipe.execute()
+    found = {}
+    for i, name in enumerate(names):
+        backlog, first, dead, status = replies[4 * i : 4 * i + 4]
+        oldest = 0.0
+        if first:
+            at = first[0][1].get(b"at") or first[0][1].get("at")
+            oldest = max(0.0, now - float(at)) if at else 0.0
+        found[name] = WebhookEndpointSnapshot(
+            backlog=int(backlog),
+            oldest_seconds=oldest,
+            dead_letters=int(dead),
+            status=_text(status) if status else "healthy",
+        )
+    return found
+
+
+WEBHOOK_STATES = ("healthy", "failing", "disabled")
+
+
+def _webhook_families(
+    endpoints: Mapping[str, WebhookEndpointSnapshot],
+) -> Iterator[GaugeMetricFamily]:
+    backlog = GaugeMetricFamily(
+        "paypoll_webhook_backlog",
+        "Webhooks queued for an endpoint and not delivered yet",
+        labels=["endpoint"],
+    )
+    oldest = GaugeMetricFamily(
+        "paypoll_webhook_oldest_seconds",
+        "Age of the oldest undelivered webhook of an endpoint (since its transition)",
+        labels=["endpoint"],
+    )
+    dead = GaugeMetricFamily(
+        "paypoll_webhook_dead_letters",
+        "Dead-lettered webhooks of an endpoint (paypoll webhooks failed / replay)",
+        labels=["endpoint"],
+    )
+    state = GaugeMetricFamily(
+        "paypoll_webhook_endpoint_state",
+        "1 for an endpoint's current state (healthy, failing, disabled), 0 for the others",
+        labels=["endpoint", "state"],
+    )
+    for name, snap in sorted(endpoints.items()):
+        backlog.add_metric([name], snap.backlog)
+        oldest.add_metric([name], snap.oldest_seconds)
+        dead.add_metric([name], snap.dead_letters)
+        for value in WEBHOOK_STATES:
+            state.add_metric([name, value], 1 if snap.status == value else 0)
+    yield from (backlog, oldest, dead, state)
 
 
 class AccountLimitsCollector(Collector):

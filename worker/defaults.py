@@ -74,6 +74,28 @@ EVENTS_MAXLEN = 100_000  # approximate length cap of the events stream
 # answer); 50 costs one Redis round trip per idle consumer every 50 ms.
 WORKER_IDLE_FETCH_MS = 50
 
+# --- webhooks (worker/webhooks/) --------------------------------------------------------------
+# Sent by default: the hosted url is known (created), the three final answers, and the states
+# an operator must look at. Queued/creating are chatty and rarely acted on.
+WEBHOOK_EVENTS = (
+    "created",
+    "paid",
+    "expired",
+    "cancelled",
+    "rejected",
+    "create_unknown",
+    "tracking_timeout",
+    "failed",
+)
+WEBHOOK_RETRY_FOR = 3 * 86_400.0  # seconds: a long weekend of an endpoint being down
+WEBHOOK_CONCURRENCY = 8  # deliveries in flight per healthy endpoint: drains a backlog fast
+WEBHOOK_CONNECT_TIMEOUT = 3.0  # seconds; a dead host fails fast and is probed again later
+WEBHOOK_READ_TIMEOUT = 10.0  # seconds; receivers should answer 2xx first, then work
+WEBHOOK_PROBE_FIRST = 1.0  # seconds before the first probe of a failing endpoint
+WEBHOOK_PROBE_MAX = 30.0  # cap of the probe backoff (issue 12): a return is seen within 30 s
+WEBHOOK_PROBE_JITTER = 0.1  # +-10% on each probe delay, so endpoints' probes spread out
+WEBHOOK_LEASE = 10.0  # seconds a driver's lease on an endpoint lasts without renewal
+
 # --- observability -----------------------------------------------------------------------------
 METRICS_HOST = "127.0.0.1"  # loopback unless told otherwise: metrics are not public by default
 METRICS_PORT = 9191  # the port dramatiq's own exporter uses, so existing scrape configs still work

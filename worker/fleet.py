@@ -72,11 +72,16 @@ def worker_process_main(settings: Settings, threads: int, index: int) -> None:
 
     configure_logging(fmt=settings.log_format, level=settings.log_level)
     from worker.outbox import CALLBACK_GROUP, CALLBACK_STATES
+    from worker.webhooks.endpoints import Endpoints
+    from worker.webhooks.router import WEBHOOK_GROUP
 
+    endpoints = Endpoints.from_settings(settings)
+    groups = [CALLBACK_GROUP] if settings.callback_actor else []
     metrics.prime_outbox(
-        [CALLBACK_GROUP] if settings.callback_actor else [],
+        groups + ([WEBHOOK_GROUP] if endpoints else []),
         sorted(CALLBACK_STATES) if settings.callback_actor else [],
     )
+    metrics.prime_webhooks(endpoints.by_name)
     # Every account's series exist from the start, so Prometheus sees their first increase.
     metrics.prime_accounts(
         settings.accounts,
@@ -114,10 +119,21 @@ def worker_process_main(settings: Settings, threads: int, index: int) -> None:
             keys=runtime.keys,
             broker=broker,
             actor_spec=settings.callback_actor,
-            consumer=consumer_name(index),
+            consumer=consumer_name(index, settings.metrics_port),
             events_cap=settings.events_maxlen,
         )
         outbox.start()
+    webhooks = None
+    if index == 0 and endpoints:
+        from worker.outbox import consumer_name as owner_name
+        from worker.webhooks.service import WebhookService
+
+        webhooks = WebhookService(
+            settings=settings,
+            store=runtime.store,
+            owner=owner_name(index, settings.metrics_port),
+        )
+        webhooks.start()
     sweeper = SweeperThread(
         Sweeper(settings=settings, store=runtime.store, send=actors.send),
         redis_client=runtime.redis,
@@ -131,6 +147,8 @@ def worker_process_main(settings: Settings, threads: int, index: int) -> None:
     if outbox is not None:
         outbox.stop()
         outbox.join(timeout=5)
+    if webhooks is not None:
+        webhooks.stop()
     sweeper.join(timeout=5)
     broker.close()
     log.info("worker.stopped", index=index, pid=os.getpid())
@@ -167,6 +185,7 @@ class Fleet:
             start_exporter,
         )
         from worker.keys import Keys
+        from worker.webhooks.endpoints import Endpoints
 
         made_dir = not self.settings.metrics_dir
         directory = Path(self.settings.metrics_dir or tempfile.mkdtemp(prefix="paypoll-metrics-"))
@@ -186,6 +205,7 @@ class Fleet:
                     queues=QUEUES,
                     accounts=self.settings.accounts,
                     events_cap=self.settings.events_maxlen,
+                    webhook_endpoints=sorted(Endpoints.from_settings(self.settings).by_name),
                 ),
                 AccountLimitsCollector.from_accounts(self.settings.accounts.values()),
             ]
@@ -249,17 +269,25 @@ class Fleet:
         step: a group starts at the stream's end, so a transition made before it would never
         be sent. A Redis that does not answer yet is left to the readers (they create the
         group themselves) rather than stopping the fleet."""
-        if not self.settings.callback_actor:
-            return
         import redis
 
         from worker.connection import connect_redis
         from worker.keys import Keys
-        from worker.outbox import prepare
+        from worker.outbox import prepare as prepare_outbox
+        from worker.webhooks.endpoints import Endpoints
+        from worker.webhooks.router import prepare as prepare_webhooks
 
+        wanted = []
+        if self.settings.callback_actor:
+            wanted.append(prepare_outbox)
+        if Endpoints.from_settings(self.settings):
+            wanted.append(prepare_webhooks)
+        if not wanted:
+            return
         client = connect_redis(self.settings.redis_url)
         try:
-            prepare(client, Keys(self.settings.key_prefix))
+            for prepare in wanted:
+                prepare(client, Keys(self.settings.key_prefix))
         except redis.RedisError as exc:
             log.warning("events.prepare_failed", error=type(exc).__name__)
         finally:

@@ -117,6 +117,18 @@ class Keys:
         """Capped stream of payment state transitions for users to consume."""
         return f"{self.prefix}:events"
 
+    # --- webhooks (worker/webhooks/) ---
+    def webhook(self, endpoint: str, part: str) -> str:
+        """One key of a webhook endpoint, all under the endpoint's hash tag. ``part``:
+        ``queue`` (stream of undelivered events, oldest first), ``dead`` (stream of dead
+        letters), ``state`` (hash: healthy/failing/disabled, probe schedule, last error) and
+        ``lease`` (the one driver of the endpoint in the fleet)."""
+        return f"{self.prefix}:webhook:{{{endpoint}}}:{part}"
+
+    def webhook_endpoints(self) -> str:
+        """Set of the webhook endpoint names that have ever had an event routed to them."""
+        return f"{self.prefix}:webhook:endpoints"
+
     def sweeper_lock(self) -> str:
         """Held by the one process running a sweep pass."""
         return f"{self.prefix}:sweeper:lock"

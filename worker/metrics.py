@@ -217,6 +217,36 @@ def prime_outbox(groups: Iterable[str], final_states: Iterable[str] = ()) -> Non
         CALLBACKS_SENT.labels(state)
 
 
+# Transition to the endpoint's 2xx: milliseconds when it answers, up to days after an outage.
+WEBHOOK_LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600, 86400)
+WEBHOOK_DELIVERIES = Counter(
+    "paypoll_webhook_deliveries_total",
+    "Webhook attempts by endpoint and outcome (2xx, 410, 4xx, 5xx, timeout, refused, ...)",
+    ["endpoint", "outcome"],
+)
+WEBHOOK_LAG_SECONDS = Histogram(
+    "paypoll_webhook_delivery_lag_seconds",
+    "Time from a payment's transition to its webhook's 2xx, by endpoint",
+    ["endpoint"],
+    buckets=WEBHOOK_LAG_BUCKETS,
+)
+WEBHOOK_DEAD_LETTERED = Counter(
+    "paypoll_webhook_dead_lettered_total",
+    "Webhooks given up after PAYPOLL_WEBHOOK_RETRY_FOR (replayable: paypoll webhooks replay)",
+    ["endpoint"],
+)
+WEBHOOK_OUTCOMES = ("2xx", "410", "4xx", "5xx", "timeout", "refused", "connection")
+
+
+def prime_webhooks(endpoints: Iterable[str]) -> None:
+    """Create the webhook series of the configured endpoints at 0 (see prime_accounts)."""
+    for endpoint in endpoints:
+        WEBHOOK_LAG_SECONDS.labels(endpoint)
+        WEBHOOK_DEAD_LETTERED.labels(endpoint)
+        for outcome in WEBHOOK_OUTCOMES:
+            WEBHOOK_DELIVERIES.labels(endpoint, outcome)
+
+
 ENDPOINTS = ("token", "create", "get")
 SUCCESS_STATUS = "200"
 # Token failure reasons primed at 0: 403 (credentials refused, its own alert), the statuses and

@@ -38,10 +38,11 @@ CALLBACK_STATES: frozenset[str] = frozenset(state.value for state in FINAL)
 """The states sent: the final ones, as before the outbox."""
 
 
-def consumer_name(index: int) -> str:
-    """The consumer name of worker process ``index`` on this host: stable across restarts, so
-    a restarted process re-reads what it had not acknowledged before it died."""
-    return f"{socket.gethostname()}-{index}"
+def consumer_name(index: int, fleet: int | str) -> str:
+    """The consumer name of worker process ``index`` of fleet ``fleet`` (its metrics port:
+    two fleets on one host cannot share it) on this host: stable across restarts, so a
+    restarted process re-reads what it had not acknowledged before it died."""
+    return f"{socket.gethostname()}-{fleet}-{index}"
 
 
 def callback_payload(event: Event) -> dict[str, Any]:

@@ -61,6 +61,9 @@ class Account:
     client_id: str
     client_secret: Secret = field(repr=False)
     rate: float = defaults.RATE
+    webhook_url: str = ""
+    """This account's own webhook endpoint (its events go there instead of the global one)."""
+    webhook_secret: Secret | None = field(default=None, repr=False)
 
 
 def _parse_bool(raw: str) -> bool:
@@ -156,6 +159,53 @@ def _parse_path(raw: str) -> str:
     return raw.rstrip("/")
 
 
+def _parse_webhook_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError("expected an absolute https:// URL")
+    return raw
+
+
+def is_loopback(url: str) -> bool:
+    """Whether ``url``'s host is this machine (plain http:// is allowed there by default)."""
+    host = (urlsplit(url).hostname or "").lower()
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def _parse_webhook_secret(raw: str) -> Secret:
+    from worker.webhooks.signing import secret_key
+
+    secret_key(raw)
+    return Secret(raw)
+
+
+WEBHOOK_EVENT_NAMES = (
+    "created",  # pending on the API: the hosted url is known
+    "queued",
+    "creating",
+    "paid",
+    "expired",
+    "cancelled",
+    "rejected",
+    "create_unknown",
+    "tracking_timeout",
+    "failed",
+)
+
+
+def _parse_webhook_events(raw: str) -> tuple[str, ...]:
+    names = tuple(
+        dict.fromkeys(n.strip().removeprefix("payment.") for n in raw.split(",") if n.strip())
+    )
+    unknown = sorted(set(names) - set(WEBHOOK_EVENT_NAMES))
+    if unknown or not names:
+        problem = f"unknown {', '.join(unknown)}; " if unknown else ""
+        raise ValueError(
+            f"{problem}expected a comma-separated list of {', '.join(WEBHOOK_EVENT_NAMES)}"
+        )
+    return names
+
+
 def _parse_log_format(raw: str) -> str:
     if raw not in {"auto", "json", "console"}:
         raise ValueError("expected auto, json or console")
@@ -207,6 +257,14 @@ class Settings:
     sweep_grace: float = defaults.SWEEP_GRACE
     events_maxlen: int = defaults.EVENTS_MAXLEN
     callback_actor: str = ""
+    webhook_url: str = ""
+    webhook_secret: Secret | None = field(default=None, repr=False)
+    webhook_events: tuple[str, ...] = defaults.WEBHOOK_EVENTS
+    webhook_retry_for: float = defaults.WEBHOOK_RETRY_FOR
+    webhook_concurrency: int = defaults.WEBHOOK_CONCURRENCY
+    webhook_connect_timeout: float = defaults.WEBHOOK_CONNECT_TIMEOUT
+    webhook_read_timeout: float = defaults.WEBHOOK_READ_TIMEOUT
+    webhook_allow_http: bool = False
     metrics_host: str = defaults.METRICS_HOST
     metrics_port: int = defaults.METRICS_PORT
     metrics_dir: str = ""
@@ -292,6 +350,32 @@ ENV_HELP: dict[str, tuple[Callable[[str], Any], str]] = {
         str,
         "[queue:]actor of your dramatiq app sent each final state, at-least-once (empty: none)",
     ),
+    "webhook_url": (_parse_webhook_url, "Endpoint POSTed each chosen transition (empty: none)"),
+    "webhook_secret": (_parse_webhook_secret, "whsec_ + base64 key signing webhooks"),
+    "webhook_events": (
+        _parse_webhook_events,
+        "Transitions sent as webhooks, comma separated (created = url known)",
+    ),
+    "webhook_retry_for": (
+        _parse_positive_float,
+        "Seconds a webhook is retried before it is dead-lettered",
+    ),
+    "webhook_concurrency": (
+        _parse_positive_int,
+        "Deliveries in flight per endpoint while it answers",
+    ),
+    "webhook_connect_timeout": (
+        _parse_positive_float,
+        "Seconds to connect to a webhook endpoint",
+    ),
+    "webhook_read_timeout": (
+        _parse_positive_float,
+        "Seconds to wait for a webhook endpoint's answer",
+    ),
+    "webhook_allow_http": (
+        _parse_bool,
+        "Allow plain http:// webhook URLs beyond loopback",
+    ),
     "metrics_host": (_parse_str, "Address the metrics endpoint binds"),
     "metrics_port": (_parse_port, "Port of the metrics endpoint"),
     "metrics_dir": (
@@ -301,6 +385,28 @@ ENV_HELP: dict[str, tuple[Callable[[str], Any], str]] = {
     "log_format": (_parse_log_format, "auto, json or console"),
     "log_level": (_parse_str, "DEBUG, INFO, WARNING or ERROR"),
 }
+
+
+def _check_webhooks(settings: Settings) -> None:
+    """The webhook settings that depend on each other: URL and secret together, plain http
+    only for loopback unless allowed."""
+    url, secret = settings.webhook_url, settings.webhook_secret
+    if bool(url) != (secret is not None):
+        missing = "webhook_secret" if url else "webhook_url"
+        other = "webhook_url" if url else "webhook_secret"
+        raise ConfigError(f"{env_name(missing)}: required when {env_name(other)} is set")
+    endpoints = [(env_name("webhook_url"), url)] + [
+        (f"accounts file: [accounts.{a.name}] webhook_url", a.webhook_url)
+        for a in settings.accounts.values()
+    ]
+    for where, value in endpoints:
+        plain = value.startswith("http://") and not is_loopback(value)
+        if plain and not settings.webhook_allow_http:
+            raise ConfigError(
+                f"{where}: plain http:// is refused beyond loopback (the body is a payment's "
+                f"outcome); use https:// or set {env_name('webhook_allow_http')}=true"
+            )
+
 
 _ACCOUNT_NAME = re.compile(defaults.ACCOUNT_NAME_PATTERN)
 ENV_PREFIX = "PAYPOLL_"
@@ -330,6 +436,24 @@ def _line_of(text: str, needle: str) -> int | None:
         if line.strip().replace(" ", "") == needle:
             return number
     return None
+
+
+ACCOUNT_WEBHOOK_KEYS = ("webhook_url", "webhook_secret")
+
+
+def _account_webhook(table: Mapping[str, Any], where: str) -> tuple[str, Secret | None]:
+    """An accounts-file table's own webhook endpoint: both keys or neither."""
+    url, secret = table.get("webhook_url"), table.get("webhook_secret")
+    if url is None and secret is None:
+        return "", None
+    for key, value in (("webhook_url", url), ("webhook_secret", secret)):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: needs {key} as a non-empty string (with the other one)")
+    try:
+        return _parse_webhook_url(str(url)), _parse_webhook_secret(str(secret))
+    except ValueError as exc:
+        key = "webhook_secret" if "whsec" in str(exc) or "key" in str(exc) else "webhook_url"
+        raise ConfigError(f"{where}: {key}: {exc}") from None
 
 
 def load_accounts_file(path: str | Path) -> dict[str, Account]:
@@ -367,14 +491,17 @@ def load_accounts_file(path: str | Path) -> dict[str, Account]:
         _check_name(name, where)
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: [accounts.{name}] must be a table")
-        unknown = set(table) - {"client_id", "client_secret", "rate"}
+        unknown = set(table) - {"client_id", "client_secret", "rate", *ACCOUNT_WEBHOOK_KEYS}
         if unknown:
             raise ConfigError(f"{where}: [accounts.{name}] has unknown keys {sorted(unknown)}")
         for key in ("client_id", "client_secret"):
             if not isinstance(table.get(key), str) or not table[key]:
                 raise ConfigError(f"{where}: [accounts.{name}] needs {key} as a non-empty string")
         rate = _check_rate(table.get("rate", defaults.RATE), f"{where}: [accounts.{name}]")
-        accounts[name] = Account(name, table["client_id"], Secret(table["client_secret"]), rate)
+        url, secret = _account_webhook(table, f"{where}: [accounts.{name}]")
+        accounts[name] = Account(
+            name, table["client_id"], Secret(table["client_secret"]), rate, url, secret
+        )
     return accounts
 
 
@@ -418,6 +545,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             raise ConfigError(f"{env_name('rate')}: expected a number > 0") from None
         accounts["default"] = Account("default", client_id, Secret(client_secret), rate)
     settings = Settings(accounts=accounts, **values)
+    _check_webhooks(settings)
     if settings.poll_floor > settings.poll_share:
         raise ConfigError(
             f"{env_name('poll_floor')}: expected at most {env_name('poll_share')} "

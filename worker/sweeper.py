@@ -33,6 +33,7 @@ import redis
 import structlog
 
 from worker import defaults
+from worker.lease import Lease
 from worker.polling.allocation import POLICIES_WITH_PLAN
 from worker.polling.planner import PollPlanner
 from worker.polling.store import PlanStore
@@ -47,20 +48,6 @@ MIN_LOCK_TTL = 3.0  # seconds
 WOKEN_MIN_GAP = 0.02  # seconds: the shortest time between two passes when producers wake it
 HEARTBEAT_EVERY = 2.0  # seconds between two heartbeats of a worker process
 HEARTBEAT_FORGET = 3600.0  # seconds after which a silent process is dropped from the set
-
-# Renew the lock only if we still hold it; take it when free. Returns 1 when held afterwards.
-_LOCK_SCRIPT = """
-local holder = redis.call('GET', KEYS[1])
-if holder == false or holder == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
-_UNLOCK_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 def inflight_budget(rate: float, max_wait: float, interval: float) -> int:
@@ -164,8 +151,9 @@ class SweeperThread(threading.Thread):
         self.identity = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.lock_ttl_ms = int(max(MIN_LOCK_TTL, self.interval * LOCK_TTL_PASSES) * 1000)
         self.stopping = threading.Event()
-        self._lock = self.redis.register_script(_LOCK_SCRIPT)
-        self._unlock = self.redis.register_script(_UNLOCK_SCRIPT)
+        self.lease = Lease(
+            self.redis, self.keys.sweeper_lock(), self.identity, self.lock_ttl_ms / 1000
+        )
         self.holding = False
         # A producer's submit wakes the pass at once (worker/wake.py): an idle key's create
         # leaves within a pass, not an interval, of the submit.
@@ -190,11 +178,7 @@ class SweeperThread(threading.Thread):
                 if started - last_beat >= HEARTBEAT_EVERY:
                     self._heartbeat()
                     last_beat = started
-                self.holding = bool(
-                    self._lock(
-                        keys=[self.keys.sweeper_lock()], args=[self.identity, self.lock_ttl_ms]
-                    )
-                )
+                self.holding = self.lease.hold()
                 if self.holding:
                     self.sweeper.run_pass(self.wake_listener.take_accounts())
             except redis.RedisError as exc:
@@ -206,7 +190,7 @@ class SweeperThread(threading.Thread):
                 self.stopping.wait(1.0)
             self._pause(started)
         try:
-            self._unlock(keys=[self.keys.sweeper_lock()], args=[self.identity])
+            self.lease.release()
             self.redis.zrem(self.keys.heartbeat(), self.identity)
         except redis.RedisError:
             pass
