@@ -66,6 +66,14 @@ RETRY_AMBIGUOUS_CREATE = (
 # --- durability --------------------------------------------------------------------------------
 SWEEP_INTERVAL = 0.25  # seconds between sweeper passes: how late a due step may be dispatched
 SWEEP_GRACE = 30.0  # seconds a dispatched step may take before it is dispatched again
+# Seconds without a heartbeat after which a worker process counts as dead and the steps it
+# was running are dispatched again. Processes beat every HEARTBEAT_EVERY (1 s), so this is
+# five missed beats: a loaded host's late beat is not a death, and a killed worker's steps
+# are back within about 5 s plus a sweep pass instead of the 30 s lease. A process paused
+# longer than this (SIGSTOP, a GC pause) loses its steps; it cannot cause a second create:
+# the create's sent-mark and the slot's lateness check at the write stop it.
+DEAD_AFTER = 5.0
+HEARTBEAT_EVERY = 1.0  # seconds between two heartbeats of a worker process
 SWEEP_BATCH = 500  # due steps dispatched per pass and account
 EVENTS_MAXLEN = 100_000  # approximate length cap of the events stream
 # Milliseconds an idle dramatiq worker waits on its queue before fetching again (dramatiq's

@@ -68,7 +68,7 @@ def worker_process_main(settings: Settings, threads: int, index: int) -> None:
     from worker.logs import configure_logging
     from worker.runtime import Runtime
     from worker.store import FINAL, State
-    from worker.sweeper import Sweeper, SweeperThread
+    from worker.sweeper import Sweeper, SweeperThread, process_identity
 
     configure_logging(fmt=settings.log_format, level=settings.log_level)
     from worker.outbox import CALLBACK_GROUP, CALLBACK_STATES
@@ -98,9 +98,17 @@ def worker_process_main(settings: Settings, threads: int, index: int) -> None:
     signal.signal(signal.SIGINT, on_signal)
 
     runtime = Runtime.build(settings)
+    runtime.identity = process_identity()
     broker = build_broker(settings)
     actors = declare_actors(broker, settings)
     install_runtime(runtime)
+    sweeper = SweeperThread(
+        Sweeper(settings=settings, store=runtime.store, send=actors.send),
+        redis_client=runtime.redis,
+        identity=runtime.identity,
+    )
+    # Beat once before any step starts: a step's owner is always in the heartbeat set.
+    sweeper.beat()
     worker = Worker(
         broker,
         queues=set(QUEUES),
@@ -134,10 +142,6 @@ def worker_process_main(settings: Settings, threads: int, index: int) -> None:
             owner=owner_name(index, settings.metrics_port),
         )
         webhooks.start()
-    sweeper = SweeperThread(
-        Sweeper(settings=settings, store=runtime.store, send=actors.send),
-        redis_client=runtime.redis,
-    )
     sweeper.start()
     log.info("worker.started", index=index, pid=os.getpid(), threads=threads)
     stop.wait()

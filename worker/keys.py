@@ -59,6 +59,13 @@ class Keys:
         """
         return f"{self._acct(account)}:inflight:{step}"
 
+    def owners(self, account: str) -> str:
+        """Hash: ``<step>:<reference_id>`` -> the worker process running that in-flight step.
+
+        Written when a worker starts a step (``start_step.lua``); the sweeper puts the step
+        back as due as soon as its owner stops heartbeating (``claim.lua``)."""
+        return f"{self._acct(account)}:inflight:owners"
+
     def pending_age(self, account: str) -> str:
         """Sorted set: reference_id -> created_at (Redis clock, s) of each ``pending`` payment.
 

@@ -32,6 +32,9 @@ class Runtime:
     plans: PlanStore
     timer: PollTimer
     rng: random.Random = field(default_factory=random.Random)
+    identity: str = ""
+    """This process's name in the heartbeat set: the owner of the steps it starts ("" for a
+    process that runs no steps)."""
 
     @classmethod
     def build(cls, settings: Settings, *, redis_client: Redis | None = None) -> Runtime:

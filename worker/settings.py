@@ -255,6 +255,7 @@ class Settings:
     retry_ambiguous_create: bool = defaults.RETRY_AMBIGUOUS_CREATE
     sweep_interval: float = defaults.SWEEP_INTERVAL
     sweep_grace: float = defaults.SWEEP_GRACE
+    dead_after: float = defaults.DEAD_AFTER
     events_maxlen: int = defaults.EVENTS_MAXLEN
     callback_actor: str = ""
     webhook_url: str = ""
@@ -345,6 +346,10 @@ ENV_HELP: dict[str, tuple[Callable[[str], Any], str]] = {
     "retry_ambiguous_create": (_parse_bool, "Re-post creates whose answer was lost (default: no)"),
     "sweep_interval": (_parse_positive_float, "Seconds between dispatcher/sweeper passes"),
     "sweep_grace": (_parse_positive_float, "Seconds a dispatched step may take before re-dispatch"),
+    "dead_after": (
+        _parse_positive_float,
+        "Seconds without a heartbeat before a worker's running steps are dispatched again",
+    ),
     "events_maxlen": (_parse_positive_int, "Approximate cap of the events stream"),
     "callback_actor": (
         str,

@@ -46,8 +46,13 @@ log = structlog.get_logger("paypoll.sweeper")
 LOCK_TTL_PASSES = 20  # the lock outlives this many missed passes before another process takes it
 MIN_LOCK_TTL = 3.0  # seconds
 WOKEN_MIN_GAP = 0.02  # seconds: the shortest time between two passes when producers wake it
-HEARTBEAT_EVERY = 2.0  # seconds between two heartbeats of a worker process
+HEARTBEAT_EVERY = defaults.HEARTBEAT_EVERY  # seconds between two heartbeats of a process
 HEARTBEAT_FORGET = 3600.0  # seconds after which a silent process is dropped from the set
+
+
+def process_identity() -> str:
+    """This process's name in the heartbeat set and as the owner of the steps it runs."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
 def inflight_budget(rate: float, max_wait: float, interval: float) -> int:
@@ -92,6 +97,22 @@ class Sweeper:
         """Configured accounts: only these can be served by this fleet's credentials."""
         return self.settings.accounts.keys()
 
+    def dead_workers(self) -> list[str]:
+        """Worker processes that beat within the last HEARTBEAT_FORGET seconds but not within
+        ``dead_after``: the steps they own are dispatched again."""
+        keys = self.store.keys
+        pipe = self.store.redis.pipeline(transaction=False)
+        pipe.time()
+        pipe.zrange(keys.heartbeat(), 0, -1, withscores=True)
+        (seconds, micros), beats = pipe.execute()
+        now = int(seconds) + int(micros) / 1e6
+        stale = now - self.settings.dead_after
+        return [
+            m.decode() if isinstance(m, bytes) else str(m)
+            for m, at in beats
+            if now - HEARTBEAT_FORGET < at < stale
+        ]
+
     def run_pass(self, woken: Collection[str] = ()) -> PassResult:
         """One pass over every account (one Redis round trip for all claims); the counts.
         ``woken``: accounts producers just recorded work for (their creates go first)."""
@@ -108,7 +129,7 @@ class Sweeper:
             waiting = {a: self._creates_waiting.get(a, False) for a in budgets}
             paces = self.planner.quotas(waiting, woken=woken)
         claims = self.store.claim_due_many(
-            budgets, lease=s.sweep_grace, batch=self.batch, paces=paces
+            budgets, lease=s.sweep_grace, batch=self.batch, paces=paces, dead=self.dead_workers()
         )
         per_account: list[list[tuple[str, str, str]]] = []
         for account, claim in claims.items():
@@ -142,13 +163,15 @@ class SweeperThread(threading.Thread):
     """Runs a Sweeper every ``interval`` while this process holds the fleet's sweeper lock,
     and writes this process's heartbeat."""
 
-    def __init__(self, sweeper: Sweeper, *, redis_client: redis.Redis) -> None:
+    def __init__(
+        self, sweeper: Sweeper, *, redis_client: redis.Redis, identity: str | None = None
+    ) -> None:
         super().__init__(name="paypoll-sweeper", daemon=True)
         self.sweeper = sweeper
         self.redis = redis_client
         self.keys = sweeper.store.keys
         self.interval = sweeper.settings.sweep_interval
-        self.identity = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.identity = identity or process_identity()
         self.lock_ttl_ms = int(max(MIN_LOCK_TTL, self.interval * LOCK_TTL_PASSES) * 1000)
         self.stopping = threading.Event()
         self.lease = Lease(
@@ -202,6 +225,10 @@ class SweeperThread(threading.Thread):
             # one payment at a time, fast, cannot turn the sweeper into a busy loop.
             self.stopping.wait(max(0.0, WOKEN_MIN_GAP - (time.monotonic() - started)))
         self.woken.clear()
+
+    def beat(self) -> None:
+        """Write this process's heartbeat now (before its workers start any step)."""
+        self._heartbeat()
 
     def _heartbeat(self) -> None:
         seconds, micros = self.redis.time()

@@ -18,6 +18,9 @@
 --         older, smaller budget must not starve it once the budget grows)
 -- ARGV[6] (with a pace) 1 if spare pace pulls tracks forward, else 0
 -- ARGV[7] (with a pace) most creates claimed by this call, or -1 for the in-flight budget only
+-- KEYS[7] owners of started steps (HASH "<step>:<ref>" -> worker process, start_step.lua)
+-- ARGV[8] worker processes that stopped heartbeating, comma separated ('' for none): the
+--         steps they own go back to due now, whatever their lease (PAYPOLL_DEAD_AFTER)
 -- Returns {now, recovered, most_overdue_seconds, {create refs}, {track refs}, creates still due,
 -- tracks still due, held tracks claimed (the first ones of the track refs, outside the pace)}: the claimed refs are now in flight with a lease of now + ARGV[2].
 local t = redis.call('TIME')
@@ -34,6 +37,28 @@ for k = 1, 2 do
     redis.call('ZREM', KEYS[k], ref)
     redis.call('ZADD', KEYS[k + 2], now, ref)
     recovered = recovered + 1
+  end
+end
+
+-- Steps owned by a dead process go back to due at once; owners of steps no longer in flight
+-- (finished, or put back) are forgotten. The hash holds at most the steps in flight.
+local dead = {}
+for owner in string.gmatch(ARGV[8] or '', '[^,]+') do
+  dead[owner] = true
+end
+local owners = redis.call('HGETALL', KEYS[7])
+for i = 1, #owners, 2 do
+  local field, owner = owners[i], owners[i + 1]
+  local step, ref = string.match(field, '^(%a+):(.*)$')
+  local k = (step == 'create') and 1 or 2
+  if dead[owner] then
+    if redis.call('ZREM', KEYS[k], ref) == 1 then
+      redis.call('ZADD', KEYS[k + 2], now, ref)
+      recovered = recovered + 1
+    end
+    redis.call('HDEL', KEYS[7], field)
+  elseif not redis.call('ZSCORE', KEYS[k], ref) then
+    redis.call('HDEL', KEYS[7], field)
   end
 end
 
@@ -141,6 +166,12 @@ else
   room = room - claim(4, room)
   if ARGV[6] == '1' then
     pull(room)
+  end
+end
+-- A fresh dispatch has no owner until a worker starts it.
+for k, step in ipairs({'create', 'track'}) do
+  for _, ref in ipairs(claimed[k]) do
+    redis.call('HDEL', KEYS[7], step .. ':' .. ref)
   end
 end
 return {string.format('%.6f', now), recovered, string.format('%.6f', overdue), claimed[1], claimed[2],

@@ -104,6 +104,7 @@ class PaymentStore:
         self._submit = redis.register_script(_load("submit.lua"))
         self._transition = redis.register_script(_load("transition.lua"))
         self._claim = redis.register_script(_load("claim.lua"))
+        self._start_step = redis.register_script(_load("start_step.lua"))
 
     # --- producers ------------------------------------------------------------------------------
     def _submit_args(self, spec: PaymentSpec) -> tuple[list[str], list[Any]]:
@@ -327,9 +328,12 @@ class PaymentStore:
         lease: float,
         batch: int,
         paces: Mapping[str, TrackPace] | None = None,
+        dead: Iterable[str] = (),
     ) -> dict[str, Claim]:
         """:meth:`claim_due` for several accounts (account -> budget, and account -> pace when
-        the planner paces polls) in one round trip."""
+        the planner paces polls) in one round trip. Steps owned by a process in ``dead``
+        (stopped heartbeating) go back to due first."""
+        dead_arg = ",".join(dead)
         k = self.keys
         pipe = self.redis.pipeline(transaction=False)
         for account, budget in budgets.items():
@@ -342,6 +346,7 @@ class PaymentStore:
                     k.due(account, "track"),
                     k.not_before(account),
                     k.held(account),
+                    k.owners(account),
                 ],
                 args=[
                     budget,
@@ -351,6 +356,7 @@ class PaymentStore:
                     _seconds(pace.starve_after),
                     1 if pace.pull else 0,
                     pace.creates,
+                    dead_arg,
                 ],
                 client=pipe,
             )
@@ -367,6 +373,20 @@ class PaymentStore:
                 held_tracks=int(reply[7]),
             )
         return claims
+
+    def start_step(
+        self, account: str, step: str, reference_id: str, *, owner: str, lease: float
+    ) -> bool:
+        """A worker process ``owner`` starts the in-flight ``step`` of a payment: it owns it
+        (the sweeper re-dispatches it once ``owner`` stops heartbeating) and its lease runs
+        from now. False when the step was not in flight (put back, or done already)."""
+        k = self.keys
+        return bool(
+            self._start_step(
+                keys=[k.inflight(account, step), k.owners(account)],
+                args=[reference_id, step, owner, lease],
+            )
+        )
 
     # --- readers --------------------------------------------------------------------------------
     def get(self, account: str, reference_id: str) -> PaymentRecord | None:
