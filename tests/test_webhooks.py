@@ -19,10 +19,12 @@ import redis
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from tests.fleet_harness import paypoll_env, running_fleet, write_accounts, write_accounts_file
+from tests.redis_server import running_redis
 from tests.sandbox_fixture import running_sandbox
 from tests.waiting import wait_until
 from tests.webhook_receiver import WebhookReceiver, new_secret, running_receiver
 from worker.errors import ConfigError
+from worker.keys import Keys
 from worker.producer import Producer
 from worker.settings import load_settings
 from worker.webhooks.driver import probe_delay
@@ -358,3 +360,43 @@ def test_a_hanging_endpoint_delays_no_other_endpoint_and_no_payment(
             state = _status(env)
             assert state["account/slow"]["backlog"] == 5
             assert state["account/fast"]["backlog"] == 0
+
+
+def test_queued_webhooks_survive_a_redis_restart_on_aof(tmp_path: Path) -> None:
+    """Webhooks queued while the receiver is down, then Redis (appendonly yes) restarted: the
+    fleet reconnects and every one is delivered once the receiver is back."""
+    secret = new_secret()
+    with (
+        running_redis(appendonly=True) as server,
+        running_receiver(secret) as receiver,
+        running_sandbox(
+            client=f"shop:{CLIENT['shop']}", rate=50, pay_after="0.3:0.6", outcomes="paid=1", seed=6
+        ) as sandbox,
+    ):
+        env = _env(
+            tmp_path,
+            server.url,
+            "aof",
+            sandbox.url,
+            webhook_url=receiver.url,
+            webhook_secret=secret,
+            webhook_events="created,paid",
+        )
+        producer = Producer.from_settings(load_settings(env))
+        receiver.down()
+        with running_fleet(env, processes=1, threads=4):
+            refs = _submit(producer, "aof", 5)
+            queue = Keys("aof").webhook("global", "queue")
+            client = redis.Redis.from_url(server.url)
+            wait_until(lambda: client.xlen(queue) == 10, timeout=30, what="10 webhooks queued")
+            client.close()
+            server.restart()
+            receiver.up()
+            wait_until(
+                lambda: len(set(receiver.ids())) == 10,
+                timeout=60,
+                what="10 webhooks after the restart",
+            )
+    assert {(p["data"]["reference_id"], p["type"]) for p in receiver.payloads()} == {
+        (r, t) for r in refs for t in ("payment.created", "payment.paid")
+    }
