@@ -72,6 +72,9 @@ def run_mode(env: dict[str, str], kill_every: float | None) -> dict[str, float]:
                 time.sleep(0.2)
             wall = time.monotonic() - started
             stats = st.sandbox.stats()
+            unknown = sum(
+                1 for a, r in refs if producer.get_payment(r, account=a).state == "create_unknown"
+            )
         finally:
             fleet.stop()
     delays = [
@@ -88,9 +91,7 @@ def run_mode(env: dict[str, str], kill_every: float | None) -> dict[str, float]:
         "wall": wall,
         "duplicates": len(stats["duplicates"]),
         "rate_limited": sum(c["rate_limited"] for c in stats["clients"].values()),
-        "unknown": sum(
-            1 for a, r in refs if producer.get_payment(r, account=a).state == "create_unknown"
-        ),
+        "unknown": unknown,
     }
 
 
