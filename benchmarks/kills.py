@@ -24,6 +24,7 @@ from common import write_section as write_docs_section
 
 PAYMENTS = 150
 KEYS = 5
+SUBMIT_OVER = 60.0  # seconds over which the payments are submitted
 FINAL = {"paid", "expired", "cancelled"}
 MODES = {
     "no kills": {},
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             "### Detection delay under kills (issue 13): liveness leases against the lease",
             "",
             f"`benchmarks/kills.py --every {args.every:g}`: {where}. {KEYS} keys at 5 req/s, "
-            f"{PAYMENTS} payments submitted at once, payers 1-6 s after the create, 20-80 ms "
+            f"{PAYMENTS} payments submitted evenly over {SUBMIT_OVER:g} s, payers 1-6 s after the create, 20-80 ms "
             "latency and 2% 5xx on the sandbox, a fleet of 2 processes x 8 threads; under kills "
             f"the whole fleet is SIGKILLed and a new one started every {args.every:g} s until "
             "every payment is settled. Detection delay = the sandbox's first sight of the "
