@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,6 +129,7 @@ class RedisServer:
         appendonly: bool = False,
         password: str | None = None,
         directory: Path | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         binary = redis_server_binary()
         if binary is None:
@@ -139,6 +140,7 @@ class RedisServer:
         self.password = password
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="paypoll-redis-")
         self.directory = directory or Path(self._tmp.name)  # type: ignore[union-attr]
+        self.extra_args = list(extra_args)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -169,6 +171,7 @@ class RedisServer:
         ]
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.extra_args
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + timeout

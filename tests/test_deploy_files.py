@@ -371,3 +371,20 @@ def test_readme_configuration_reference_is_complete() -> None:
     for command in ("scripts/demo", "scripts/test"):
         assert command in readme
     assert "docs/benchmarks.md" in readme
+
+
+def test_the_sentinel_compose_variant_points_every_worker_at_three_sentinels() -> None:
+    data: dict[str, Any] = read_yaml_subset((ROOT / "docker-compose.sentinel.yml").read_text())
+    services = data["services"]
+    assert {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3", "worker"} <= set(services)
+    assert services["redis-replica"]["command"][1:4] == ["--replicaof", "redis", "6379"]
+    url = services["worker"]["environment"]["PAYPOLL_REDIS_URL"]
+    settings = load_settings({"PAYPOLL_REDIS_URL": url})
+    assert settings.wait_replicas() == 1
+    from worker.connection import parse_sentinel_url
+
+    target = parse_sentinel_url(url)
+    assert [host for host, _ in target.sentinels] == ["sentinel-1", "sentinel-2", "sentinel-3"]
+    for name in ("sentinel-1", "sentinel-2", "sentinel-3"):
+        command = " ".join(services[name]["command"])
+        assert "sentinel monitor mymaster redis 6379 2" in command and "--sentinel" in command

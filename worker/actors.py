@@ -27,6 +27,7 @@ from dramatiq.middleware import (
 )
 
 from worker import metrics, steps
+from worker.connection import connect_redis, is_sentinel
 from worker.runtime import Runtime
 from worker.settings import Settings
 
@@ -95,6 +96,13 @@ def build_broker(settings: Settings) -> RedisBroker:
         CurrentMessage(),
         JobContext(),
     ]
+    if is_sentinel(settings.redis_url):
+        # dramatiq's broker takes a client: the Sentinel one follows the master.
+        return RedisBroker(  # type: ignore[no-untyped-call]
+            client=connect_redis(settings.redis_url),
+            namespace=settings.namespace,
+            middleware=middleware,
+        )
     return RedisBroker(  # type: ignore[no-untyped-call]
         url=settings.redis_url, namespace=settings.namespace, middleware=middleware
     )

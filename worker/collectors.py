@@ -25,6 +25,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from worker import defaults
+from worker.connection import connect_redis
 from worker.events import GroupLag, group_lags
 from worker.keys import Keys
 from worker.polling.gauges import planner_families, read_planner
@@ -220,11 +221,8 @@ class StoreCollector(Collector):
         stretches a scrape with Redis down past Prometheus's scrape timeout; this one answers
         ``paypoll_redis_up 0`` within about ``timeout``. Opens no connection until a scrape.
         """
-        client = redis.Redis.from_url(
-            redis_url,
-            socket_connect_timeout=timeout,
-            socket_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
+        client = connect_redis(
+            redis_url, socket_timeout=timeout, connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
         )
         return cls(
             redis=client,

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 # --- connections -------------------------------------------------------------------------------
 REDIS_URL = "redis://localhost:6379/0"  # the conventional local Redis
+# Seconds a create waits for a replica to acknowledge its sent-mark (WAIT) under Sentinel: a
+# local replica answers in about a millisecond; longer means it lags, and posting then could
+# duplicate the payment after a failover.
+REDIS_WAIT_TIMEOUT = 0.5
 API_URL = "https://public-api.alternativepayments.io"  # production base URL (api-contract.md)
 DEMO_API_URL = "https://public-api.demo.alternativepayments.io"  # provider's demo environment
 PAYMENTS_PATH = "/payments/request"  # OpenAPI spelling; the FAQ writes /payment/request

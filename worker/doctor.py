@@ -21,6 +21,7 @@ import requests
 
 from worker.api.client import ApiClient
 from worker.collectors import read_store
+from worker.connection import connect_redis
 from worker.demo.redis_provider import redact_url
 from worker.errors import ApiError, CredentialsRefused, PaypollError, SlotTooFar
 from worker.keys import Keys
@@ -214,8 +215,8 @@ def check_queues(client: redis.Redis, settings: Settings) -> Finding:
 
 def run_checks(settings: Settings, *, redis_client: redis.Redis | None = None) -> list[Finding]:
     """Every check, in order; Redis-dependent ones are skipped when Redis does not answer."""
-    client = redis_client or redis.Redis.from_url(
-        settings.redis_url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT
+    client = redis_client or connect_redis(
+        settings.redis_url, socket_timeout=TIMEOUT, connect_timeout=TIMEOUT
     )
     reached, info = check_redis(client, settings.redis_url)
     findings = [reached]

@@ -208,3 +208,16 @@ class WaitTimeout(PaypollError):
             f"payment {reference_id!r} of account {account!r} reached none of "
             f"{', '.join(states)} within {timeout:g}s; it is {last_state!r}"
         )
+
+
+class ReplicationLag(PaypollError):
+    """Under Sentinel, what a producer recorded did not reach a replica in time (WAIT): a
+    failover now could lose it. Submitting again is harmless (submits are idempotent)."""
+
+    def __init__(self, acked: int, wanted: int) -> None:
+        self.acked = acked
+        self.wanted = wanted
+        super().__init__(
+            f"recorded on the Redis master but acknowledged by {acked} of {wanted} replica(s) "
+            "in time (PAYPOLL_REDIS_WAIT_TIMEOUT): submit again to be sure it is kept"
+        )

@@ -25,6 +25,10 @@ class Keys:
         """The account's limiter state (theoretical arrival time, penalty)."""
         return f"{self._acct(account)}:rl"
 
+    def limiter_master(self, account: str) -> str:
+        """Under Sentinel: the replication id of the master the key was last booked on."""
+        return f"{self._acct(account)}:rl:master"
+
     # --- token cache ---
     def token(self, account: str) -> str:
         """The cached access token of an account (a string with a TTL)."""

@@ -16,7 +16,7 @@ from typing import Any
 import redis
 
 from worker.connection import connect_redis
-from worker.errors import ValidationError
+from worker.errors import ReplicationLag, ValidationError
 from worker.events import RECLAIM_AFTER, Subscription
 from worker.keys import Keys
 from worker.settings import Settings, load_settings
@@ -72,7 +72,19 @@ class Producer:
         )
         if self.store.submit(spec):
             self.wake(spec.account)  # a re-submit has its create scheduled already
+        self._replicated()
         return spec.reference_id
+
+    def _replicated(self) -> None:
+        """Under Sentinel: return only once a replica holds what was just recorded, so that a
+        submit that returned survives a failover; ReplicationLag otherwise (submitting again
+        is harmless: submits are idempotent)."""
+        wanted = self.settings.wait_replicas()
+        if not wanted:
+            return
+        acked = int(self.store.redis.wait(wanted, int(self.settings.redis_wait_timeout * 1000)))
+        if acked < wanted:
+            raise ReplicationLag(acked, wanted)
 
     def wake(self, account: str) -> None:
         """Tell the fleet's sweepers that ``account`` has new work, so that its create is
@@ -96,6 +108,7 @@ class Producer:
 
     def _submit_chunk(self, chunk: list[PaymentSpec]) -> Iterator[bool | ValidationError]:
         outcomes = self.store.submit_many(chunk)
+        self._replicated()
         recorded = (spec.account for spec, new in zip(chunk, outcomes, strict=True) if new is True)
         for account in dict.fromkeys(recorded):
             self.wake(account)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from redis import Redis
 
 from worker.api.client import ApiClient
-from worker.connection import connect_redis
+from worker.connection import connect_redis, is_sentinel
 from worker.keys import Keys
 from worker.polling.store import PlanCache, PlanStore
 from worker.polling.timer import PollTimer
@@ -48,6 +48,7 @@ class Runtime:
             max_wait=settings.max_wait,
             max_ahead=settings.max_ahead,
             penalty_default=settings.penalty_default,
+            watch_master=is_sentinel(settings.redis_url),
         )
         schedule = PollSchedule(
             first_delay=settings.poll_first_delay,

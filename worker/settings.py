@@ -141,8 +141,19 @@ def _parse_port(raw: str) -> int:
 
 
 def _parse_redis_url(raw: str) -> str:
+    from worker.connection import is_sentinel, parse_sentinel_url
+
+    if is_sentinel(raw):
+        parse_sentinel_url(raw)
+        return raw
     if urlsplit(raw).scheme not in {"redis", "rediss", "unix"}:
-        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+        raise ValueError("expected a redis://, rediss://, unix:// or redis+sentinel:// URL")
+    return raw
+
+
+def _parse_replicas(raw: str) -> str:
+    if raw != "auto" and not raw.isdigit():
+        raise ValueError("expected auto or a number of replicas >= 0")
     return raw
 
 
@@ -226,6 +237,8 @@ class Settings:
     """
 
     redis_url: str = defaults.REDIS_URL
+    redis_wait_replicas: str = "auto"
+    redis_wait_timeout: float = defaults.REDIS_WAIT_TIMEOUT
     api_url: str = defaults.API_URL
     payments_path: str = defaults.PAYMENTS_PATH
     key_prefix: str = defaults.KEY_PREFIX
@@ -272,6 +285,13 @@ class Settings:
     log_format: str = defaults.LOG_FORMAT
     log_level: str = defaults.LOG_LEVEL
 
+    def wait_replicas(self) -> int:
+        """Replicas that must acknowledge a create's sent-mark before its POST (WAIT): by
+        default 1 under Sentinel (a failover must not lose the mark), 0 otherwise."""
+        if self.redis_wait_replicas == "auto":
+            return 1 if self.redis_url.startswith("redis+sentinel://") else 0
+        return int(self.redis_wait_replicas)
+
     def account(self, name: str) -> Account:
         """The configured account ``name``; raises UnknownAccount when there is none."""
         from worker.errors import UnknownAccount
@@ -292,7 +312,15 @@ class Settings:
 ENV_HELP: dict[str, tuple[Callable[[str], Any], str]] = {
     "redis_url": (
         _parse_redis_url,
-        "Redis for broker, limiter and records (rediss:// and passwords work)",
+        "Redis for broker, limiter and records (rediss://, passwords, redis+sentinel://)",
+    ),
+    "redis_wait_replicas": (
+        _parse_replicas,
+        "Replicas that must ack a create's sent-mark before its POST (auto: 1 under Sentinel)",
+    ),
+    "redis_wait_timeout": (
+        _parse_positive_float,
+        "Seconds a create waits for those acks; then it is retried, nothing sent",
     ),
     "api_url": (_parse_http_url, "Base URL of the Alternative Payments API (or the sandbox)"),
     "payments_path": (_parse_path, "Path of payment requests; the FAQ spells it /payment/request"),

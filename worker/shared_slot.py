@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
-from worker.connection import connect_redis
+from worker.connection import connect_redis, is_sentinel
 from worker.errors import PaypollError, SlotTooFar
 from worker.keys import Keys
 from worker.polling.store import PlanStore
@@ -82,6 +82,7 @@ class SharedLimiter:
             max_wait=settings.max_wait,
             max_ahead=settings.max_ahead,
             penalty_default=settings.penalty_default,
+            watch_master=is_sentinel(settings.redis_url),
         )
         self.plans = PlanStore(redis=client, keys=keys)
 

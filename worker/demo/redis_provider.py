@@ -35,12 +35,11 @@ HOW_TO_GET_REDIS = (
 def redact_url(url: str) -> str:
     """``url`` without its password, for printing."""
     parts = urlsplit(url)
-    if parts.password is None:
+    if "@" not in parts.netloc:
         return url
-    host = parts.hostname or ""
-    user = f"{parts.username}:" if parts.username else ":"
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{user}***@{host}{port}"))
+    credentials, hosts = parts.netloc.rsplit("@", 1)  # hosts: one, or sentinels a:1,b:2
+    user = credentials.split(":", 1)[0] if ":" in credentials else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
 
 
 def answers(url: str, timeout: float = PROBE_TIMEOUT) -> bool:

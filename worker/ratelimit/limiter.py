@@ -66,6 +66,7 @@ class RateLimiter:
         penalty_max: float = defaults.PENALTY_MAX,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        watch_master: bool = False,
     ) -> None:
         if min(margin, max_wait, max_ahead, penalty_default, penalty_max) < 0:
             raise ValueError("margin, max_wait, max_ahead and penalties must be >= 0 seconds")
@@ -76,6 +77,8 @@ class RateLimiter:
         self.max_ahead = max_ahead
         self.penalty_default = penalty_default
         self.penalty_max = penalty_max
+        # Under Sentinel: each key waits out one window on a new master (reserve.lua).
+        self.watch_master = watch_master
         self._sleep = sleep
         self._clock = clock
         self.redis_clock = RedisClock()
@@ -115,10 +118,17 @@ class RateLimiter:
         # put rate + 1 calls in a window.
         interval_us = math.ceil(self.interval(rate) * _MICRO)
         asked_at = self._clock()
-        raw: Any = self._reserve(
-            keys=[self.keys.limiter(account)],
-            args=[interval_us, int(max_wait * _MICRO), int(ahead * _MICRO)],
-        )
+        if self.watch_master:
+            window_us = _MICRO + math.ceil(self.margin * _MICRO)
+            raw: Any = self._reserve(
+                keys=[self.keys.limiter(account), self.keys.limiter_master(account)],
+                args=[interval_us, int(max_wait * _MICRO), int(ahead * _MICRO), 1, window_us],
+            )
+        else:
+            raw = self._reserve(
+                keys=[self.keys.limiter(account)],
+                args=[interval_us, int(max_wait * _MICRO), int(ahead * _MICRO)],
+            )
         answered_at = self._clock()
         slot_us, now_us, granted = (int(x) for x in raw)
         self.redis_clock.observe(asked_at, answered_at, now_us / _MICRO)

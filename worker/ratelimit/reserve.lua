@@ -16,6 +16,14 @@
 --          reschedules its job); a slot further than this is NOT booked. This caps how much of
 --          a key's capacity callers that die before their slot can waste.
 --
+-- ARGV[4]  '1' under Sentinel (else '0' or absent): a change of master is a change of clock
+--          and of state (the new master's copy of this key may be older than what the old
+--          master granted), so the first reservation on a new master (its replication id
+--          differs from the one KEYS[2] remembers, or none is remembered) starts one window
+--          (ARGV[5] microseconds) from now: the calls the old master granted in the last
+--          second can no longer share a window with new ones.
+-- KEYS[2]  (with ARGV[4] = '1') the replication id this key was last booked under
+--
 -- Returns  {slot, now, granted}
 --          slot     the key's next free slot (microseconds, Redis clock)
 --          now      Redis TIME when the script ran (microseconds)
@@ -36,6 +44,15 @@ local max_ahead = tonumber(ARGV[3])
 local slot = tonumber(redis.call('GET', KEYS[1]) or '0')
 if slot < now then
     slot = now
+end
+if ARGV[4] == '1' then
+    local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)')
+    if redis.call('GET', KEYS[2]) ~= replid then
+        redis.call('SET', KEYS[2], replid)
+        if slot < now + tonumber(ARGV[5]) then
+            slot = now + tonumber(ARGV[5])
+        end
+    end
 end
 
 local granted = 1

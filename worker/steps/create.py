@@ -76,6 +76,13 @@ def run_create(rt: Runtime, account: str, reference_id: str) -> str:
             raise _LostRace(moved.previous)
         marked = True
         record_move(rt, rec, State.CREATING, moved)
+        wanted = settings.wait_replicas()
+        if wanted:
+            # Under Sentinel: the mark must reach a replica before the POST, or a failover
+            # right after it could lose the mark and let a re-run post the payment again.
+            acked = int(rt.redis.wait(wanted, int(settings.redis_wait_timeout * 1000)))
+            if acked < wanted:
+                raise _ReplicaLag(f"the sent-mark reached {acked} of {wanted} replica(s)")
 
     try:
         payment = rt.client.create_payment(
@@ -93,6 +100,21 @@ def run_create(rt: Runtime, account: str, reference_id: str) -> str:
     except SlotTooFar as exc:
         reschedule(rt, rec, state, "create", exc.retry_in, guard=("phase", ""), hold=exc.hold)
         return "far_slot"
+    except _ReplicaLag as exc:
+        # Marked, but not safe on a replica yet: nothing was sent. Undo the mark (on the
+        # master we still talk to) and try again after a backoff.
+        log.warning("create.replica_lag", error=str(exc))
+        reschedule(
+            rt,
+            rec,
+            State.CREATING,
+            "create",
+            settings.retry_base_delay,
+            guard=("phase", "sent"),
+            fields={"phase": "", "last_error": str(exc)},
+            increments={"attempts": -1},
+        )
+        return "replica_lag"
     except SlotMissed as exc:
         # Marked, then too late for the slot: nothing was sent. Undo the mark and the attempt
         # it counted, and come back at once for a fresh slot (a slow host is not the API
@@ -139,6 +161,10 @@ def run_create(rt: Runtime, account: str, reference_id: str) -> str:
 
 class _LostRace(Exception):
     """Another delivery of the same create message marked the payment first."""
+
+
+class _ReplicaLag(Exception):
+    """The create's sent-mark was not acknowledged by enough replicas in time (WAIT)."""
 
 
 def _created(rt: Runtime, rec: PaymentRecord, payment: PaymentRequest) -> str:
