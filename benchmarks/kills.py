@@ -25,7 +25,7 @@ from common import write_section as write_docs_section
 PAYMENTS = 150
 KEYS = 5
 SUBMIT_OVER = 60.0  # seconds over which the payments are submitted
-FINAL = {"paid", "expired", "cancelled"}
+SETTLED = {"paid", "expired", "cancelled", "create_unknown", "failed", "rejected"}
 MODES = {
     "no kills": {},
     "kills, liveness leases (PAYPOLL_DEAD_AFTER=5)": {"PAYPOLL_DEAD_AFTER": "5"},
@@ -53,18 +53,24 @@ def run_mode(env: dict[str, str], kill_every: float | None) -> dict[str, float]:
         try:
             fleet.wait_workers()
             refs = [(a.name, f"k{i}") for i in range(PAYMENTS // KEYS) for a in accounts]
-            for account, ref in refs:
-                producer.submit_payment(
-                    account=account,
-                    amount="10",
-                    redirect_url="https://s.example/ok",
-                    reference_id=ref,
-                )
             started = last_kill = time.monotonic()
+            submitted = 0
             while time.monotonic() - started < 600:
-                states = [producer.get_payment(r, account=a).state for a, r in refs]
-                if all(s in FINAL or s in ("create_unknown", "failed", "rejected") for s in states):
-                    break
+                # Payments arrive evenly over SUBMIT_OVER seconds: the kills land mid-work.
+                elapsed = time.monotonic() - started
+                due = min(len(refs), int(len(refs) * elapsed / SUBMIT_OVER) + 1)
+                for account, ref in refs[submitted:due]:
+                    producer.submit_payment(
+                        account=account,
+                        amount="10",
+                        redirect_url="https://s.example/ok",
+                        reference_id=ref,
+                    )
+                submitted = due
+                if submitted == len(refs):
+                    states = [producer.get_payment(r, account=a).state for a, r in refs]
+                    if all(s in SETTLED for s in states):
+                        break
                 if kill_every and time.monotonic() - last_kill >= kill_every:
                     fleet.kill()
                     kills += 1
