@@ -115,4 +115,5 @@ def test_a_fleet_rides_out_a_failover_and_a_killed_master(tmp_path: Path) -> Non
     assert '"worker.died"' not in log
     # Submits were refused only while no replica could hold them (the killed master not back
     # yet): the producer was told, nothing it was told succeeded was lost.
-    assert set(failures) <= {"ReplicationLag", "ConnectionError", "TimeoutError"}, failures
+    told = {"ReplicationLag", "ConnectionError", "TimeoutError", "ResponseError", "ReadOnlyError"}
+    assert set(failures) <= told, failures  # e.g. WAIT unblocked by the change of master
