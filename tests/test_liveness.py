@@ -10,7 +10,7 @@ from pathlib import Path
 
 import redis
 
-from tests.fleet_harness import paypoll_env, running_fleet, write_accounts
+from tests.fleet_harness import paypoll_env, pid_alive, running_fleet, write_accounts
 from tests.sandbox_fixture import running_sandbox
 from tests.waiting import wait_until
 from worker.keys import Keys
@@ -145,3 +145,44 @@ def test_a_paused_worker_causes_no_second_create(
     assert all(count == 1 for count in creates.values()), creates
     assert sum(c["rate_limited"] for c in stats["clients"].values()) == 0
     assert "paid" in states.values()
+
+
+def test_a_paused_worker_whose_fleet_died_meanwhile_stops_once_continued(
+    tmp_path: Path, redis_url: str, key_prefix: str
+) -> None:
+    """SIGSTOP a worker process, SIGKILL its fleet (the kernel queues PDEATHSIG's SIGTERM for
+    the stopped process), SIGCONT: the worker stops by itself, it does not run on unsupervised.
+    (Whichever of its threads runs first takes the signal; the main thread must still see it.)"""
+    env = paypoll_env(
+        redis_url=redis_url,
+        api_url="http://127.0.0.1:9",
+        key_prefix=key_prefix,
+        accounts_file=write_accounts(tmp_path, CLIENT, 5),
+    )
+    with running_fleet(env, threads=4) as fleet:
+        fleet.wait_started()
+        child = fleet.children()[0]
+        os.kill(child, signal.SIGSTOP)
+        try:
+            wait_until(lambda: _state(child) == "T", timeout=10, what="the worker stopped")
+            fleet.kill(supervisor_only=True)
+            wait_until(lambda: _sigterm_pending(child), timeout=10, what="PDEATHSIG queued")
+        finally:
+            os.kill(child, signal.SIGCONT)
+        wait_until(lambda: not pid_alive(child), timeout=40, what="the orphan stopped")
+        assert '"worker.stopped"' in fleet.output()
+
+
+def _state(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("State:"):
+            return line.split()[1]
+    return ""
+
+
+def _sigterm_pending(pid: int) -> bool:
+    """SIGTERM in the process's shared pending set (/proc/PID/status ShdPnd, bit 15)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("ShdPnd:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False

@@ -36,6 +36,7 @@ STOP_TIMEOUT = 30.0  # seconds a worker process gets to finish its steps before 
 RESTART_BACKOFF_MAX = 30.0  # seconds between restarts of a worker that keeps dying at start
 QUICK_DEATH = 5.0  # seconds: a process dying sooner than this after start backs off
 PR_SET_PDEATHSIG = 1  # prctl option: the kernel signals the child when its parent dies
+SIGNAL_CHECK_EVERY = 0.5  # seconds between two looks at a stop signal by the main thread
 
 
 def _die_with_parent() -> None:
@@ -144,7 +145,12 @@ def worker_process_main(settings: Settings, threads: int, index: int) -> None:
         webhooks.start()
     sweeper.start()
     log.info("worker.started", index=index, pid=os.getpid(), threads=threads)
-    stop.wait()
+    # Wake now and then rather than block for good: a signal can be taken by another thread
+    # (a SIGTERM that arrives while the process is stopped, e.g. PDEATHSIG when a SIGSTOPped
+    # worker's fleet dies, is taken by whichever thread runs first after SIGCONT), and CPython
+    # then runs the handler only once the main thread runs again.
+    while not stop.wait(SIGNAL_CHECK_EVERY):
+        pass
     log.info("worker.stopping", index=index, pid=os.getpid())
     sweeper.stop()
     worker.stop(timeout=int(STOP_TIMEOUT * 1000))
