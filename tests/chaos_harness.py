@@ -7,9 +7,14 @@ and the soak script (benchmarks/soak.py, the full 1,000 payments). It:
    mode with injected 5xx, dropped creates, random latency and short-lived tokens, and N fleets
    ``paypoll worker --processes 1`` (real subprocesses, JSON logs captured to files);
 2. submits the payments, then every ``kill_every`` seconds kills one fleet with SIGKILL (and
-   checks its worker child dies with it: PDEATHSIG) or SIGKILLs one fleet's worker child (the
-   supervisor restarts it), starting a new fleet for each killed one; once, mid-run, it SIGKILLs
-   Redis and starts it again on the same AOF;
+   checks its worker child dies with it: PDEATHSIG), SIGKILLs one fleet's worker child (the
+   supervisor restarts it) or, with ``pause_for``, SIGSTOPs one worker child for that long
+   (past PAYPOLL_DEAD_AFTER: its steps run elsewhere) and SIGCONTs it, starting a new fleet for
+   each killed one; once, mid-run, it SIGKILLs Redis: with ``redis_mode="aof"`` the one
+   redis-server, started again on the same AOF; with ``redis_mode="sentinel"`` the master of a
+   real master + replica + 3 sentinels deployment (tests/sentinel_topology.py), whose replica
+   the sentinels promote while every process follows by itself (the old master comes back as
+   a replica);
 3. waits until every payment is final, then checks the invariants against what the sandbox saw
    and what Redis holds, and scans every log line, the metrics, the events stream and CLI output
    for the client secrets and every access token seen in the token cache.
@@ -49,7 +54,9 @@ from tests.fleet_harness import (
 )
 from tests.redis_server import RedisServer
 from tests.sandbox_fixture import RunningSandbox
+from tests.sentinel_topology import SentinelTopology
 from tests.waiting import wait_until
+from worker.connection import connect_redis
 from worker.keys import Keys
 from worker.settings import load_settings
 from worker.store import State
@@ -128,8 +135,15 @@ class ChaosConfig:
     threads: int = 16
     rate: float = 5.0
     kill_every: float = 4.0  # seconds between two kills
-    redis_restart_after: float = 0.4  # share of payments final when Redis is restarted
-    redis_down_for: float = 1.0  # seconds Redis stays down
+    # 0: kills only; > 0: every third fault SIGSTOPs a worker child this long, then SIGCONT
+    # (longer than PAYPOLL_DEAD_AFTER, so its in-flight steps run again elsewhere meanwhile).
+    pause_for: float = 0.0
+    # "aof": one redis-server on AOF, SIGKILLed and restarted; "sentinel": the master of a
+    # master + replica + 3 sentinels deployment SIGKILLed, the replica promoted.
+    redis_mode: str = "aof"
+    redis_restart_after: float = 0.4  # share of payments final when Redis is killed
+    redis_down_for: float = 1.0  # seconds Redis stays down (aof mode)
+    failover_service_limit: float = 20.0  # sentinel mode: seconds from the kill to service
     error_rate: float = 0.05
     drop_create_rate: float = 0.01
     latency_ms: str = "5:80"
@@ -198,7 +212,7 @@ class TokenWatcher(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        client = redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
+        client = connect_redis(self.url, socket_timeout=1, connect_timeout=1)
         while not self.stopping.is_set():
             with contextlib.suppress(redis.RedisError):
                 for value in client.mget([self.keys.token(a) for a in self.accounts]):
@@ -208,9 +222,42 @@ class TokenWatcher(threading.Thread):
         client.close()
 
 
-def _kill_plan(index: int) -> str:
-    """Alternate the two kinds of kill: the whole fleet, or only its worker child."""
-    return "fleet" if index % 2 == 0 else "child"
+def _kill_plan(index: int, *, pauses: bool) -> str:
+    """Take turns: the whole fleet SIGKILLed, only its worker child SIGKILLed, and (with
+    ``pauses``) a worker child SIGSTOPped for a while."""
+    kinds = ("fleet", "child", "pause") if pauses else ("fleet", "child")
+    return kinds[index % len(kinds)]
+
+
+class MasterFailover(threading.Thread):
+    """SIGKILLs the Sentinel deployment's master once and times what follows: when the
+    sentinels name a new master (``promoted_s``) and when the old one is back as a replica;
+    ``service_s`` (the first state change recorded afterwards) is found by
+    :func:`_service_after` once the run is over."""
+
+    def __init__(self, topology: SentinelTopology, started: float) -> None:
+        super().__init__(name="master-failover", daemon=True)
+        self.topology = topology
+        self.started = started
+        self.killed_at: float | None = None
+        self.facts: dict[str, Any] = {}
+
+    def run(self) -> None:
+        old = self.topology.master_port()
+        self.killed_at = time.monotonic()
+        self.facts.update(
+            {"at_s": round(self.killed_at - self.started, 1), "epoch": time.time(), "old": old}
+        )
+        try:
+            new = self.topology.kill_master(timeout=60, promoted=self._promoted)
+            self.facts["new"] = new
+            self.facts["old_back_as_replica_s"] = round(time.monotonic() - self.killed_at, 2)
+        except Exception as exc:  # reported as a failed check, not a crash of the run
+            self.facts["error"] = repr(exc)
+
+    def _promoted(self) -> None:
+        assert self.killed_at is not None
+        self.facts["promoted_s"] = round(time.monotonic() - self.killed_at, 2)
 
 
 def run_chaos(config: ChaosConfig, *, progress: Callable[[str], None] | None = None) -> ChaosReport:
@@ -229,10 +276,21 @@ def run_chaos(config: ChaosConfig, *, progress: Callable[[str], None] | None = N
         accounts = make_accounts(config.accounts, rng=rng)
         accounts_file = write_accounts(workdir / "accounts.toml", accounts)
 
-        server = RedisServer(appendonly=True, directory=workdir / "redis")
-        (workdir / "redis").mkdir(exist_ok=True)
-        server.start()
-        stack.callback(server.cleanup)
+        server: RedisServer | None = None
+        topology: SentinelTopology | None = None
+        if config.redis_mode == "sentinel":
+            topology = SentinelTopology()
+            stack.callback(topology.stop)
+            topology.start()
+            redis_url = topology.url
+        elif config.redis_mode == "aof":
+            server = RedisServer(appendonly=True, directory=workdir / "redis")
+            (workdir / "redis").mkdir(exist_ok=True)
+            server.start()
+            stack.callback(server.cleanup)
+            redis_url = server.url
+        else:
+            raise ValueError(f"redis_mode: {config.redis_mode!r} is neither 'aof' nor 'sentinel'")
         sandbox = RunningSandbox(
             client=[f"{a.client_id}:{a.client_secret}" for a in accounts],
             rate=config.rate,
@@ -248,7 +306,7 @@ def run_chaos(config: ChaosConfig, *, progress: Callable[[str], None] | None = N
         prefix = f"chaos{config.seed}"
         env = base_env(
             {
-                "PAYPOLL_REDIS_URL": server.url,
+                "PAYPOLL_REDIS_URL": redis_url,
                 "PAYPOLL_API_URL": sandbox.url,
                 "PAYPOLL_ACCOUNTS_FILE": str(accounts_file),
                 "PAYPOLL_KEY_PREFIX": prefix,
@@ -272,7 +330,7 @@ def run_chaos(config: ChaosConfig, *, progress: Callable[[str], None] | None = N
             env["PAYPOLL_MAX_AHEAD"] = str(config.max_ahead)
         keys = Keys(prefix)
         settings = load_settings(env)
-        watcher = TokenWatcher(server.url, keys, [a.name for a in accounts])
+        watcher = TokenWatcher(redis_url, keys, [a.name for a in accounts])
         watcher.start()
         stack.callback(watcher.stopping.set)
 
@@ -308,7 +366,7 @@ def run_chaos(config: ChaosConfig, *, progress: Callable[[str], None] | None = N
             start_fleet()
         for fleet in fleets:
             fleet.wait_ready()
-        say(f"{len(fleets)} fleets ready; sandbox {sandbox.url}; redis {server.url}")
+        say(f"{len(fleets)} fleets ready; sandbox {sandbox.url}; redis {redis_url}")
 
         # --- submit ---
         from worker.producer import Producer
@@ -334,11 +392,23 @@ def run_chaos(config: ChaosConfig, *, progress: Callable[[str], None] | None = N
         refs = {(s.account, s.reference_id) for s in specs}
 
         # --- chaos loop ---
-        monitor = redis.Redis.from_url(server.url, socket_timeout=2, socket_connect_timeout=1)
+        monitor = connect_redis(redis_url, socket_timeout=2, connect_timeout=1)
         kills: list[dict[str, Any]] = []
         redis_restart: dict[str, Any] = {}
+        failover: MasterFailover | None = None
         final_count = 0
         watched_kills: list[tuple[float, dict[str, Any]]] = []
+        paused: list[tuple[float, int]] = []  # (resume at, pid)
+
+        def resume_paused(every: bool = False) -> None:
+            for resume_at, pid in list(paused):
+                if every or time.monotonic() >= resume_at:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGCONT)
+                    paused.remove((resume_at, pid))
+
+        # A paused child left stopped would hold up every fleet's graceful stop.
+        stack.callback(resume_paused, True)
 
         def check_orphans() -> None:
             for killed_at, event in list(watched_kills):
@@ -361,6 +431,7 @@ def run_chaos(config: ChaosConfig, *, progress: Callable[[str], None] | None = N
         while True:
             now = time.monotonic()
             check_orphans()
+            resume_paused()
             counted = count_final()
             if counted is not None:
                 final_count = counted
@@ -368,7 +439,12 @@ def run_chaos(config: ChaosConfig, *, progress: Callable[[str], None] | None = N
                 break
             if now - started > config.time_limit:
                 break
-            if not redis_restart and final_count >= config.redis_restart_after * config.payments:
+            due = final_count >= config.redis_restart_after * config.payments
+            if topology is not None and failover is None and due:
+                say(f"killing the redis master at {final_count} final")
+                failover = MasterFailover(topology, started)
+                failover.start()
+            if server is not None and not redis_restart and due:
                 say(f"restarting redis at {final_count} final")
                 t0 = time.monotonic()
                 server.stop(kill=True)
@@ -381,7 +457,7 @@ def run_chaos(config: ChaosConfig, *, progress: Callable[[str], None] | None = N
                     "epoch": time.time(),
                 }
             if now >= next_kill:
-                kind = _kill_plan(len(kills))
+                kind = _kill_plan(len(kills), pauses=config.pause_for > 0)
                 victim = fleets[rng.randrange(len(fleets))]
                 kids = victim.children()
                 event: dict[str, Any] = {
@@ -398,6 +474,12 @@ def run_chaos(config: ChaosConfig, *, progress: Callable[[str], None] | None = N
                     event["child_gone_s"] = None
                     watched_kills.append((time.monotonic(), event))
                     start_fleet()
+                elif kind == "pause" and kids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(kids[0], signal.SIGSTOP)
+                        paused.append((time.monotonic() + config.pause_for, kids[0]))
+                        event["paused_for_s"] = config.pause_for
+                        event["pid"] = kids[0]
                 elif kids:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(kids[0], signal.SIGKILL)
@@ -406,6 +488,11 @@ def run_chaos(config: ChaosConfig, *, progress: Callable[[str], None] | None = N
                 next_kill = time.monotonic() + config.kill_every
             time.sleep(0.1)
         elapsed = time.monotonic() - started
+        resume_paused(every=True)
+        if failover is not None:
+            failover.join(60)
+            redis_restart = dict(failover.facts)
+            redis_restart.update(_service_after(monitor, keys, redis_restart.get("epoch")))
         with contextlib.suppress(AssertionError):
             wait_until(lambda: check_orphans() or not watched_kills, timeout=40, interval=0.1)
         for _, event in watched_kills:
@@ -500,6 +587,7 @@ def _judge(
         states[rec.state] = states.get(rec.state, 0) + 1
     report.figures["states"] = dict(sorted(states.items()))
     report.figures["seconds_to_all_final"] = round(elapsed, 1)
+    report.figures["detection_delay_s"] = _detection_delays(stats)
 
     missing = refs - set(records)
     report.check(
@@ -588,15 +676,21 @@ def _judge(
     # comes back at once, and the CPU spike of reconnects (and of fleets restarted by the kill
     # plan) can wake a caller later than the window's slack: at most one 429 per key is allowed
     # in the 5 s after Redis is back (the limiter's own state survives: AOF, fsync always).
-    # Everywhere else: none.
+    # Everywhere else, and across a Sentinel failover (each key waits out one window on the
+    # new master, whose limiter state may be older): none.
     near = int(report.figures["429_near_redis_restart"]["within_5s_after_restart"])
-    near_allowed = min(near, len(accounts))
+    near_allowed = min(near, len(accounts)) if config.redis_mode == "aof" else 0
     allowed = int(config.max_429_share * report.figures["requests"]) + near_allowed
     load = os.getloadavg()[0] / (os.cpu_count() or 1)
     overloaded = load > OVERLOADED
+    expected_429 = (
+        f"0, except at most 1 per key in the 5 s after the Redis restart (seen there: {near})"
+        if config.redis_mode == "aof"
+        else f"0, the failover included (seen in the 5 s after it: {near})"
+    )
     report.check(
         "429 answers (sandbox)",
-        f"0, except at most 1 per key in the 5 s after the Redis restart (seen there: {near})",
+        expected_429,
         f"{total_429} {rate_limited}"
         + (f"; NOT ASSERTED: host overloaded, load {load:.1f} per CPU" if overloaded else ""),
         total_429 <= allowed or overloaded,
@@ -616,9 +710,11 @@ def _judge(
     # Kills and the restart happened as planned.
     fleet_kills = [k for k in kills if k["kind"] == "fleet"]
     orphans = [k for k in fleet_kills if k.get("child_gone_s") is None]
+    pauses = [k for k in kills if k["kind"] == "pause" and k.get("paused_for_s")]
     report.injected["kills"] = {
         "fleet_sigkill": len(fleet_kills),
-        "child_sigkill": len(kills) - len(fleet_kills),
+        "child_sigkill": sum(1 for k in kills if k["kind"] == "child"),
+        "child_sigstop": len(pauses),
         "child_exit_after_fleet_kill_s": [k.get("child_gone_s") for k in fleet_kills],
     }
     report.injected["redis_restart"] = dict(redis_restart)
@@ -628,12 +724,35 @@ def _judge(
         f"{len(fleet_kills) - len(orphans)} of {len(fleet_kills)}",
         fleet_kills and not orphans,
     )
-    report.check(
-        "Redis restarted mid-run",
-        "once, SIGKILL + AOF replay",
-        redis_restart or "never",
-        bool(redis_restart),
-    )
+    if config.pause_for > 0:
+        report.check(
+            "worker children paused (SIGSTOP, then SIGCONT)",
+            f"at least once, {config.pause_for:g} s each",
+            f"{len(pauses)} pauses",
+            bool(pauses),
+        )
+    if config.redis_mode == "aof":
+        report.check(
+            "Redis restarted mid-run",
+            "once, SIGKILL + AOF replay",
+            redis_restart or "never",
+            bool(redis_restart),
+        )
+    else:
+        service = redis_restart.get("service_s")
+        report.check(
+            "Redis master SIGKILLed mid-run, a replica promoted by the sentinels",
+            "once; the old master back as a replica",
+            redis_restart or "never",
+            "new" in redis_restart and "error" not in redis_restart,
+        )
+        report.check(
+            "time from the master's death to service (a state change recorded)",
+            f"<= {config.failover_service_limit:g} s, no restart of any process",
+            f"{service} s (sentinels named the new master after "
+            f"{redis_restart.get('promoted_s')} s)",
+            service is not None and service <= config.failover_service_limit,
+        )
     report.injected["sandbox"] = {
         "error_rate": config.error_rate,
         "drop_create_rate": config.drop_create_rate,
@@ -642,6 +761,39 @@ def _judge(
         "limit_mode": "sliding",
         "rate": config.rate,
     }
+
+
+def _service_after(client: redis.Redis, keys: Keys, killed_epoch: float | None) -> dict[str, Any]:
+    """When service came back after the master's death: the first event (a payment's change
+    of state, written by the step that made it) whose stream id, the Redis server's clock in
+    ms, is later than the kill. The old master was dead by then, so the new one wrote it."""
+    if killed_epoch is None:
+        return {}
+    after = client.xrange(keys.events(), min=f"{int(killed_epoch * 1000) + 1}-0", count=1)
+    if not after:
+        return {"service_s": None}
+    event_id, fields = after[0]
+    at = int(event_id.decode().split("-")[0]) / 1000
+    event = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
+    change = f"{event.get('from')} -> {event.get('to')}"
+    return {"service_s": round(at - killed_epoch, 2), "service_event": change}
+
+
+def _detection_delays(stats: Mapping[str, Any]) -> dict[str, float | int | None]:
+    """Detection delay as the sandbox saw it (first poll that saw a payment final, less when it
+    became final), p50 / p95 / max over every payment it saw final, in seconds."""
+    delays = sorted(
+        p["first_seen_terminal_at"] - p["terminal_at"]
+        for p in stats.get("payments", {}).values()
+        if p.get("terminal_at") and p.get("first_seen_terminal_at")
+    )
+    if not delays:
+        return {"payments": 0, "p50": None, "p95": None, "max": None}
+
+    def at(q: float) -> float:
+        return round(delays[min(len(delays) - 1, int(q * len(delays)))], 2)
+
+    return {"payments": len(delays), "p50": at(0.5), "p95": at(0.95), "max": round(delays[-1], 2)}
 
 
 def _arrival_gaps(stats: dict[str, Any], config: ChaosConfig) -> dict[str, float | None]:
@@ -682,7 +834,8 @@ def _429s_near(logs: str, restart: Mapping[str, Any], window: float = 5.0) -> di
     """429s the fleets logged within ``window`` s after Redis came back, and in all."""
     import datetime
 
-    back = restart.get("epoch", 0.0) + restart.get("down_s", 0.0)
+    # Back: the restarted server answers (aof), or the sentinels named the new master.
+    back = restart.get("epoch", 0.0) + restart.get("down_s", restart.get("promoted_s", 0.0))
     near = total = 0
     for line in logs.splitlines():
         if '"status": 429' not in line:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import redis
@@ -108,12 +108,15 @@ class SentinelTopology:
         self._sentinel().sentinel_failover(SERVICE)
         return self._wait_new_master(old, timeout)
 
-    def kill_master(self, timeout: float = 30.0) -> int:
-        """SIGKILL the master; once the sentinels promoted the replica, start the old one again
-        (the sentinels turn it into a replica). Returns the new master's port."""
+    def kill_master(self, timeout: float = 30.0, promoted: Callable[[], None] | None = None) -> int:
+        """SIGKILL the master; once the sentinels promoted the replica (``promoted`` is called
+        then), start the old one again (the sentinels turn it into a replica). Returns the new
+        master's port."""
         old = self.master_port()
         self.server_on(old).stop(kill=True)
         new = self._wait_new_master(old, timeout, need_replica=False)
+        if promoted is not None:
+            promoted()
         self.server_on(old).start()
         wait_until(lambda: self._link_up(old), timeout=timeout, what="the old master as replica")
         return new
