@@ -19,6 +19,7 @@ in ``paypoll_events_trimmed_unread_total``.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ log = structlog.get_logger("paypoll.events")
 
 BLOCK_MS = 1000  # longest a read blocks for new events: how often a consumer checks its stop
 BATCH = 100  # events per read
+READER_BLOCK_MS = 500  # a GroupReader thread's reads: how soon it sees its stop
+RETRY_PAUSE = 1.0  # seconds a GroupReader waits after a Redis error before reading again
 # Seconds an event may stay pending for a silent consumer before another consumer takes it.
 RECLAIM_AFTER = 30.0
 LAG_CHECK_EVERY = 5.0  # seconds between two looks at the group's lag and the stream's cap
@@ -408,3 +411,66 @@ class Subscription:
             hint="the events stream's cap (PAYPOLL_EVENTS_MAXLEN) dropped events this group had "
             "not handled; the payment records still hold every final state",
         )
+
+
+class GroupReader(threading.Thread):
+    """A daemon thread that reads the events stream through consumer group ``group`` as
+    ``consumer`` and hands every batch to :meth:`handle`, until :meth:`stop`.
+
+    A Redis error (a restart, a failover) is logged as ``retry_event`` and the subscription
+    is rebuilt after ``RETRY_PAUSE``: what ``handle`` had not acknowledged is delivered again
+    (own pending events first), so nothing is lost. Subclasses implement :meth:`handle`.
+    """
+
+    retry_event = "events.reader_retry"
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        client: redis.Redis,
+        keys: Keys,
+        group: str,
+        consumer: str,
+        reclaim_after: float = RECLAIM_AFTER,
+        events_cap: int | None = None,
+        block_ms: int = READER_BLOCK_MS,
+    ) -> None:
+        super().__init__(name=name, daemon=True)
+        self.client = client
+        self.keys = keys
+        self.group = group
+        self.consumer = consumer
+        self.reclaim_after = reclaim_after
+        self.events_cap = events_cap
+        self.block_ms = block_ms
+        self.stopping = threading.Event()
+        self._subscription: Subscription | None = None
+
+    def handle(self, subscription: Subscription, events: list[Event]) -> None:
+        """Deal with one batch (possibly empty) and ack what is done with."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop after the current read; what is not acknowledged stays pending."""
+        self.stopping.set()
+        if self._subscription is not None:
+            self._subscription.close()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self._subscription = Subscription(
+                    self.client,
+                    self.keys,
+                    group=self.group,
+                    consumer=self.consumer,
+                    reclaim_after=self.reclaim_after,
+                    events_cap=self.events_cap,
+                    block_ms=self.block_ms,
+                )
+                while not self.stopping.is_set():
+                    self.handle(self._subscription, self._subscription.read())
+            except (redis.RedisError, OSError) as exc:
+                log.warning(self.retry_event, error=type(exc).__name__, detail=str(exc)[:200])
+                self.stopping.wait(RETRY_PAUSE)

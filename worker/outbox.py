@@ -14,9 +14,7 @@ id (``event_id``) for the receiver to de-duplicate on.
 from __future__ import annotations
 
 import socket
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import dramatiq
@@ -24,7 +22,7 @@ import redis
 import structlog
 
 from worker import metrics
-from worker.events import Event, Subscription, ensure_group
+from worker.events import Event, GroupReader, Subscription, ensure_group
 from worker.keys import Keys
 from worker.store import FINAL
 
@@ -33,7 +31,6 @@ log = structlog.get_logger("paypoll.outbox")
 CALLBACK_GROUP = "paypoll-callbacks"
 # A sender silent this long (killed, partitioned) has its pending callbacks taken by another.
 CALLBACK_RECLAIM_AFTER = 10.0
-RETRY_PAUSE = 1.0  # seconds after a failed read or send before trying again
 CALLBACK_STATES: frozenset[str] = frozenset(state.value for state in FINAL)
 """The states sent: the final ones, as before the outbox."""
 
@@ -69,8 +66,10 @@ def prepare(client: redis.Redis, keys: Keys) -> None:
     ensure_group(client, keys, CALLBACK_GROUP, start="$")
 
 
-class CallbackOutbox(threading.Thread):
+class CallbackOutbox(GroupReader):
     """Sends final transitions from the events stream to the user's actor, then acks them."""
+
+    retry_event = "callbacks.retry"
 
     def __init__(
         self,
@@ -83,48 +82,24 @@ class CallbackOutbox(threading.Thread):
         events_cap: int | None = None,
         reclaim_after: float = CALLBACK_RECLAIM_AFTER,
     ) -> None:
-        super().__init__(name="paypoll-callbacks", daemon=True)
-        self.client = client
-        self.keys = keys
+        super().__init__(
+            name="paypoll-callbacks",
+            client=client,
+            keys=keys,
+            group=CALLBACK_GROUP,
+            consumer=consumer,
+            reclaim_after=reclaim_after,
+            events_cap=events_cap,
+        )
         self.broker = broker
         self.queue, self.actor = actor_target(actor_spec)
-        self.consumer = consumer
-        self.events_cap = events_cap
-        self.reclaim_after = reclaim_after
-        self.stopping = threading.Event()
-        self._subscription: Subscription | None = None
 
-    def stop(self) -> None:
-        """Stop after the current read; what is not acknowledged stays pending."""
-        self.stopping.set()
-        if self._subscription is not None:
-            self._subscription.close()
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                self._subscription = Subscription(
-                    self.client,
-                    self.keys,
-                    group=CALLBACK_GROUP,
-                    consumer=self.consumer,
-                    reclaim_after=self.reclaim_after,
-                    events_cap=self.events_cap,
-                    block_ms=500,
-                )
-                self._serve(self._subscription)
-            except (redis.RedisError, OSError) as exc:
-                # The broker's and the stream's Redis: retry, nothing acked is lost.
-                log.warning("callbacks.retry", error=type(exc).__name__, detail=str(exc)[:200])
-                self.stopping.wait(RETRY_PAUSE)
-
-    def _serve(self, subscription: Subscription) -> None:
-        send: Callable[[Event], None] = self._send
-        while not self.stopping.is_set():
-            for event in subscription.read():
-                if event.state in CALLBACK_STATES:
-                    send(event)
-                subscription.ack(event)
+    def handle(self, subscription: Subscription, events: list[Event]) -> None:
+        """Send each final transition, then ack it (a crash in between sends it again)."""
+        for event in events:
+            if event.state in CALLBACK_STATES:
+                self._send(event)
+            subscription.ack(event)
 
     def _send(self, event: Event) -> None:
         started = time.perf_counter()

@@ -10,7 +10,6 @@ acked, or neither, whenever the router dies. Events no endpoint wants are acknow
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import redis
 import structlog
 
-from worker.events import Event, Subscription, ensure_group
+from worker.events import Event, GroupReader, Subscription, ensure_group
 from worker.keys import Keys
 from worker.store import PaymentStore
 from worker.webhooks.endpoints import Endpoints, event_name
@@ -28,7 +27,6 @@ log = structlog.get_logger("paypoll.webhooks")
 
 WEBHOOK_GROUP = "paypoll-webhooks"
 ROUTER_RECLAIM_AFTER = 10.0  # seconds: a dead router's events are taken over after this
-RETRY_PAUSE = 1.0
 
 
 def iso8601(at: float) -> str:
@@ -78,8 +76,10 @@ def prepare(client: redis.Redis, keys: Keys) -> None:
     ensure_group(client, keys, WEBHOOK_GROUP, start="$")
 
 
-class Router(threading.Thread):
+class Router(GroupReader):
     """Routes chosen events into their endpoints' queues until :meth:`stop`."""
+
+    retry_event = "webhooks.router_retry"
 
     def __init__(
         self,
@@ -90,37 +90,21 @@ class Router(threading.Thread):
         notify: Callable[[str], None] | None = None,
         events_cap: int | None = None,
     ) -> None:
-        super().__init__(name="paypoll-webhook-router", daemon=True)
+        super().__init__(
+            name="paypoll-webhook-router",
+            client=store.redis,
+            keys=store.keys,
+            group=WEBHOOK_GROUP,
+            consumer=consumer,
+            reclaim_after=ROUTER_RECLAIM_AFTER,
+            events_cap=events_cap,
+        )
         self.store = store
         self.endpoints = endpoints
-        self.consumer = consumer
         self.notify = notify  # called with an endpoint's name when a webhook was queued for it
-        self.events_cap = events_cap
-        self.stopping = threading.Event()
-        self._subscription: Subscription | None = None
 
-    def stop(self) -> None:
-        self.stopping.set()
-        if self._subscription is not None:
-            self._subscription.close()
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                self._subscription = Subscription(
-                    self.store.redis,
-                    self.store.keys,
-                    group=WEBHOOK_GROUP,
-                    consumer=self.consumer,
-                    reclaim_after=ROUTER_RECLAIM_AFTER,
-                    events_cap=self.events_cap,
-                    block_ms=500,
-                )
-                while not self.stopping.is_set():
-                    self.route(self._subscription, self._subscription.read())
-            except (redis.RedisError, OSError) as exc:
-                log.warning("webhooks.router_retry", error=type(exc).__name__)
-                self.stopping.wait(RETRY_PAUSE)
+    def handle(self, subscription: Subscription, events: list[Event]) -> None:
+        self.route(subscription, events)
 
     def route(self, subscription: Subscription, events: list[Event]) -> int:
         """Queue the events endpoints want and ack all of them; how many were queued."""
