@@ -100,14 +100,16 @@ class Keys:
         """
         return f"{self._acct(account)}:due:track:nb"
 
-    def held(self, account: str) -> str:
-        """Sorted set: reference_id -> due time of a scheduled track that holds a rate-limit slot.
+    def held(self, account: str, step: str = "track") -> str:
+        """Sorted set: reference_id -> due time of a scheduled ``step`` that holds a rate-limit
+        slot.
 
         Its call is booked already (a far slot held for it), so the sweeper claims it when
-        due outside the poll planner's pace: pacing it again would let its slot go stale.
-        Each member is in ``due(account, "track")`` too.
+        due outside the pace (the poll planner's, or the creates') and the in-flight budget:
+        pacing it again would let its slot go stale, and a stale hold books a fresh slot, one
+        more booking for the same call. Each member is in ``due(account, step)`` too.
         """
-        return f"{self._acct(account)}:due:track:held"
+        return f"{self._acct(account)}:due:{step}:held"
 
     def changes(self, account: str, reference_id: str) -> str:
         """Pub/sub channel: ``transition.lua`` publishes the new state of the payment on it at

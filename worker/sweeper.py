@@ -134,8 +134,11 @@ class Sweeper:
         per_account: list[list[tuple[str, str, str]]] = []
         for account, claim in claims.items():
             if self.planner is not None:
+                # Held steps were paid for when first dispatched: their calls are booked.
                 self.planner.spent(
-                    account, len(claim.tracks) - claim.held_tracks, len(claim.creates)
+                    account,
+                    len(claim.tracks) - claim.held_tracks,
+                    len(claim.creates) - claim.held_creates,
                 )
                 # Creates claimed or still due use the key: polls keep only their floor then.
                 self._creates_waiting[account] = claim.creates_due > 0 or bool(claim.creates)

@@ -21,8 +21,11 @@
 -- KEYS[7] owners of started steps (HASH "<step>:<ref>" -> worker process, start_step.lua)
 -- ARGV[8] worker processes that stopped heartbeating, comma separated ('' for none): the
 --         steps they own go back to due now, whatever their lease (PAYPOLL_DEAD_AFTER)
+-- KEYS[8] held creates (ZSET ref -> due time of a create holding a rate-limit slot)
 -- Returns {now, recovered, most_overdue_seconds, {create refs}, {track refs}, creates still due,
--- tracks still due, held tracks claimed (the first ones of the track refs, outside the pace)}: the claimed refs are now in flight with a lease of now + ARGV[2].
+-- tracks still due, held tracks claimed (the first ones of the track refs, outside the pace),
+-- held creates claimed (the first ones of the create refs, outside the creates' pace)}: the
+-- claimed refs are now in flight with a lease of now + ARGV[2].
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local budget = tonumber(ARGV[1])
@@ -74,20 +77,26 @@ local claimed = {{}, {}}
 local pace = tonumber(ARGV[4])
 -- Held tracks first, outside the pace and the in-flight budget: their calls are booked, and
 -- a hold claimed more than a second late is wasted (its slot passes unused).
-local held = 0
-do
-  local ready = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now, 'LIMIT', 0, batch)
+-- Held creates the same way, outside the creates' pace: left behind a create backlog, their
+-- slots went stale and each came back for a fresh one, so bookings outran the key's rate and
+-- every create ended as a far slot (a burst of 100 submits made no create at all).
+local function claim_held(held_key, due_key, inflight_key, into)
+  local got = 0
+  local ready = redis.call('ZRANGEBYSCORE', held_key, '-inf', now, 'LIMIT', 0, batch)
   for _, ref in ipairs(ready) do
-    redis.call('ZREM', KEYS[6], ref)
-    if redis.call('ZREM', KEYS[4], ref) == 1 then
-      redis.call('ZADD', KEYS[2], lease_until, ref)
-      table.insert(claimed[2], ref)
-      held = held + 1
+    redis.call('ZREM', held_key, ref)
+    if redis.call('ZREM', due_key, ref) == 1 then
+      redis.call('ZADD', inflight_key, lease_until, ref)
+      table.insert(into, ref)
+      got = got + 1
     end
   end
+  return got
 end
+local held = claim_held(KEYS[6], KEYS[4], KEYS[2], claimed[2])
+local held_creates = claim_held(KEYS[8], KEYS[3], KEYS[1], claimed[1])
 local tracks_inflight = redis.call('ZCARD', KEYS[2]) - held
-local free = budget - redis.call('ZCARD', KEYS[1]) - tracks_inflight
+local free = budget - (redis.call('ZCARD', KEYS[1]) - held_creates) - tracks_inflight
 if free > batch then
   free = batch
 end
@@ -175,4 +184,5 @@ for k, step in ipairs({'create', 'track'}) do
   end
 end
 return {string.format('%.6f', now), recovered, string.format('%.6f', overdue), claimed[1], claimed[2],
-        redis.call('ZCOUNT', KEYS[3], '-inf', now), redis.call('ZCOUNT', KEYS[4], '-inf', now), held}
+        redis.call('ZCOUNT', KEYS[3], '-inf', now), redis.call('ZCOUNT', KEYS[4], '-inf', now), held,
+        held_creates}

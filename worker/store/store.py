@@ -37,11 +37,12 @@ def _seconds(value: float) -> str:
 
 
 def _not_before_arg(next_step: str, not_before: float | None, holds_slot: bool) -> str:
-    """transition.lua's ARGV[11]: '' (no early pull), 'held', or the not-before in seconds."""
-    if next_step != "track":
-        return ""
+    """transition.lua's ARGV[11]: '' (no early pull), 'held', or the not-before in seconds
+    (tracks only)."""
     if holds_slot:
         return "held"
+    if next_step != "track":
+        return ""
     return "" if not_before is None else f"{max(not_before, 0.0):.6f}"
 
 
@@ -73,6 +74,7 @@ class Claim:
     creates_due: int = 0  # creates still due after this claim (a create backlog)
     tracks_due: int = 0  # tracks still due after this claim (polls waiting for the budget)
     held_tracks: int = 0  # of ``tracks``, those holding a slot (claimed outside the pace)
+    held_creates: int = 0  # of ``creates``, those holding a slot (outside the creates' pace)
 
 
 @dataclass(frozen=True)
@@ -235,9 +237,9 @@ class PaymentStore:
         unset): a compare-and-set between concurrent deliveries of one message.
         ``not_before`` (a next track only): seconds from now before which the poll planner may
         not pull the poll forward when its key has budget to spare; None: never before its due
-        time. ``holds_slot`` (a next track): the step holds a rate-limit slot (a far slot held
-        for it), so it is claimed when due outside the poll pace and the in-flight budget, and
-        never pulled. Atomic; an event is appended to the stream when the state changes.
+        time. ``holds_slot``: the next step holds a rate-limit slot (a far slot held for it), so
+        it is claimed when due outside the pace (polls' or creates') and the in-flight budget,
+        and never pulled. Atomic; an event is appended to the stream when the state changes.
         """
         allowed = (
             list(sources) if sources is not None else sorted(sources_of(target, operator=operator))
@@ -256,6 +258,7 @@ class PaymentStore:
             k.pending_age(account),
             k.not_before(account),
             k.held(account),
+            k.held(account, "create"),
             *(k.by_state(account, s) for s in allowed),
         ]
         args: list[Any] = [
@@ -347,6 +350,7 @@ class PaymentStore:
                     k.not_before(account),
                     k.held(account),
                     k.owners(account),
+                    k.held(account, "create"),
                 ],
                 args=[
                     budget,
@@ -371,6 +375,7 @@ class PaymentStore:
                 creates_due=int(reply[5]),
                 tracks_due=int(reply[6]),
                 held_tracks=int(reply[7]),
+                held_creates=int(reply[8]),
             )
         return claims
 

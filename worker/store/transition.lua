@@ -7,10 +7,11 @@
 -- KEYS[8] pending:age (ZSET ref -> created_at of each pending payment: the planner's ages)
 -- KEYS[9] not-before of scheduled tracks (ZSET ref -> earliest time an early pull may run it)
 -- KEYS[10] held tracks (ZSET ref -> due time of a track that holds a rate-limit slot)
--- KEYS[11..] sets of the allowed source states, in the order of ARGV[3]
+-- KEYS[11] held creates (the same, for creates)
+-- KEYS[12..] sets of the allowed source states, in the order of ARGV[3]
 -- ARGV[1] reference_id
 -- ARGV[2] target state
--- ARGV[3] allowed source states, comma separated (same order as KEYS[8..])
+-- ARGV[3] allowed source states, comma separated (same order as KEYS[12..])
 -- ARGV[4] next step: 'create', 'track' or '' (none: the payment leaves the schedule)
 -- ARGV[5] delay of the next step in seconds from now (Redis clock)
 -- ARGV[6] events maxlen
@@ -19,7 +20,8 @@
 -- ARGV[10] number N of field increments
 -- ARGV[11] for a next track: seconds from now before which no early pull may run it ('' for
 --          never before its due time; 'held' when it holds a rate-limit slot: due at its
---          delay whatever the poll pace, never pulled)
+--          delay whatever the poll pace, never pulled); for a next create: 'held' when it
+--          holds a slot (due at its delay whatever the creates' pace), else ''.
 -- then N pairs (field, amount), then field, value pairs to set; a value '$now' or '$now+S' is replaced by the Redis time (+S)
 -- Returns {1, previous state, now, submitted_at, polls, attempts} when moved;
 --         {0, current state} when the state (or the guard) did not allow it; {-1} when no record.
@@ -78,11 +80,15 @@ redis.call('ZREM', KEYS[2], ref)
 redis.call('ZREM', KEYS[3], ref)
 redis.call('ZREM', KEYS[9], ref)
 redis.call('ZREM', KEYS[10], ref)
+redis.call('ZREM', KEYS[11], ref)
 local step = ARGV[4]
 if step == 'create' then
   local at = now + tonumber(ARGV[5])
   redis.call('ZADD', KEYS[4], at, ref)
   redis.call('ZREM', KEYS[5], ref)
+  if ARGV[11] == 'held' then
+    redis.call('ZADD', KEYS[11], at, ref)
+  end
   table.insert(updates, 'next_at')
   table.insert(updates, string.format('%.6f', at))
 elseif step == 'track' then
@@ -105,7 +111,7 @@ end
 redis.call('HSET', KEYS[1], unpack(updates))
 
 if current ~= target then
-  redis.call('SREM', KEYS[10 + source_index], ref)
+  redis.call('SREM', KEYS[11 + source_index], ref)
   redis.call('SADD', KEYS[7], ref)
   if target == 'pending' then
     local created = tonumber(redis.call('HGET', KEYS[1], 'created_at') or '') or now
