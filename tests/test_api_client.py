@@ -27,7 +27,7 @@ from tests.sandbox_fixture import RunningSandbox, sandbox_factory
 from tests.waiting import wait_until
 from worker.api import ApiClient, MalformedCreateResponse, PaymentRequest
 from worker.api.client import MAX_BODY
-from worker.api.limiting import GrantedSlot, UnlimitedLimiter
+from worker.api.limiting import UnlimitedLimiter, WaitForSlot
 from worker.errors import (
     Ambiguous,
     ApiError,
@@ -70,7 +70,7 @@ class RecordingLimiter:
         *,
         max_wait: float | None = None,
         hold: float | None = None,
-    ) -> Callable[[], GrantedSlot]:
+    ) -> WaitForSlot:
         if self.far:
             raise SlotTooFar(account, 2.5)
         self.acquired.append((account, rate, max_wait))

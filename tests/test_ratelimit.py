@@ -426,3 +426,19 @@ def test_a_loose_clock_is_settled_by_one_probe_before_the_sleep(
     assert limiter.clock_probes == 1
     assert late_slots("herd") == before
     assert -0.001 <= started - booking.slot <= 0.015  # not 40 ms late (generous for CI)
+
+
+def test_a_wait_with_a_lead_returns_before_the_slot_and_wait_out_reaches_it(
+    limiter: RateLimiter,
+) -> None:
+    """The client runs a create's sent-mark ``lead`` seconds before the slot, then sleeps the
+    rest: the wait returns early by about the lead, and ``wait_out`` is never early."""
+    limiter.book("acme", 5)()  # takes the free slot: the next is 0.205 s away
+    wait = limiter.book("acme", 5)
+    granted = wait(0.1)
+    early = -limiter.lateness(granted.booking)
+    assert 0.05 < early <= 0.1 + 0.02, early
+    granted.wait_out()
+    # At or after the slot: the lowest bound of Redis's clock has passed it.
+    assert limiter.lateness(granted.booking) >= 0
+    assert not granted.late()

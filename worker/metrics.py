@@ -135,6 +135,20 @@ def record_limiter_grant(account: str, waited: float) -> None:
     LIMITER_WAIT_SECONDS.labels(account).observe(waited)
 
 
+REPLICA_WAIT_SECONDS = Histogram(
+    "paypoll_replica_wait_seconds",
+    "Time a create's sent-mark waited for replicas to acknowledge it (WAIT, under Sentinel), "
+    "by outcome: acked, or lagging (fewer acks than wanted: the create is retried)",
+    ["outcome"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+
+
+def record_replica_wait(seconds: float, *, acked: bool) -> None:
+    """A create's WAIT for replicas took ``seconds``; ``acked``: enough replicas answered."""
+    REPLICA_WAIT_SECONDS.labels("acked" if acked else "lagging").observe(seconds)
+
+
 def record_far_slot(account: str) -> None:
     """A caller's slot was too far off; it was told to reschedule."""
     LIMITER_FAR.labels(account).inc()

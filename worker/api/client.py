@@ -52,6 +52,9 @@ T = TypeVar("T")
 #: Largest answer body read: a PaymentRequest is a few hundred bytes; more is not our API.
 MAX_BODY = 1_048_576
 TOKEN_PATH = "/oauth/token"  # noqa: S105  (a path, not a password)
+# Seconds before its rate-limit slot a call with a ``before_send`` step wakes to run it, then
+# sleeps the rest: the step (a create's sent-mark) is at most this much older than the send.
+BEFORE_SEND_LEAD = 0.010
 
 log = structlog.get_logger("worker.api")
 
@@ -339,12 +342,17 @@ class ApiClient:
             # connection runs at the first write.
             nonlocal waited, started
             try:
-                slot = wait_for_slot()
+                # The caller's mark (a Redis write, under Sentinel a replica's ack too) is
+                # made just before the slot rather than after it: its time no longer counts
+                # against the slot's lateness (measured: replica WAITs of 1-10 ms made 13% of
+                # a burst's creates miss their slots).
+                slot = wait_for_slot(BEFORE_SEND_LEAD if before_send is not None else 0.0)
             except RedisError as exc:
                 raise _limiter_failed(exc, account, endpoint) from exc
             waited = slot.waited
             if before_send is not None:
                 before_send()
+                slot.wait_out()
             started = time.perf_counter()
 
             def still_on_time() -> None:

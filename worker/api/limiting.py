@@ -6,7 +6,6 @@ the two packages do not import each other and tests or scripts can pass any obje
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 
@@ -21,6 +20,17 @@ class GrantedSlot(Protocol):
         since the wait ended): send nothing, and retry."""
         ...
 
+    def wait_out(self) -> None:
+        """Sleep until the slot itself, when the wait returned ``lead`` seconds before it."""
+        ...
+
+
+class WaitForSlot(Protocol):
+    """Sleeps until a booked slot (``lead`` seconds before it, for a step that must come right
+    before the send; the caller then sleeps the rest with ``wait_out``) and returns it."""
+
+    def __call__(self, lead: float = 0.0) -> GrantedSlot: ...
+
 
 class Limiter(Protocol):
     """A per-account limiter shared by the fleet (docs/architecture.md, "The limiter")."""
@@ -32,7 +42,7 @@ class Limiter(Protocol):
         *,
         max_wait: float | None = None,
         hold: float | None = None,
-    ) -> Callable[[], GrantedSlot]:
+    ) -> WaitForSlot:
         """Book the account's next slot, or take up ``hold`` (a slot an earlier ``SlotTooFar``
         held for this caller); return a function that sleeps until it and returns the granted
         slot (the caller sends on return).
@@ -62,7 +72,7 @@ class UnlimitedLimiter:
         *,
         max_wait: float | None = None,
         hold: float | None = None,
-    ) -> Callable[[], GrantedSlot]:
+    ) -> WaitForSlot:
         """Grant immediately: the wait returns at once, never late."""
         return _no_wait
 
@@ -77,6 +87,9 @@ class _AnyTime:
     def late(self) -> bool:
         return False
 
+    def wait_out(self) -> None:
+        return None
 
-def _no_wait() -> GrantedSlot:
+
+def _no_wait(lead: float = 0.0) -> GrantedSlot:
     return _AnyTime()

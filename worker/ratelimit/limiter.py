@@ -196,15 +196,16 @@ class RateLimiter:
             return own
         return OffsetBounds(max(learnt.low, own.low), min(learnt.high, own.high), now)
 
-    def sleep_until(self, booking: Reservation) -> None:
-        """Sleep until the latest local time at which ``booking``'s slot can fall: never early.
+    def sleep_until(self, booking: Reservation, lead: float = 0.0) -> None:
+        """Sleep until the latest local time at which ``booking``'s slot can fall: never early
+        (``lead`` seconds before it: the caller has work to do first, then sleeps the rest).
 
         That is ``wait`` after the answer when nothing else is known; with a learnt clock it
         is the slot's true time to within the fastest round trip seen, however long this
         answer sat unread.
         """
         now = self._clock()
-        remaining = booking.slot - self._offset(booking, now).low - now
+        remaining = booking.slot - self._offset(booking, now).low - now - max(0.0, lead)
         if remaining > 0:
             self._sleep(remaining)
 
@@ -243,7 +244,9 @@ class RateLimiter:
             raise SlotTooFar(account, booking.retry_in)
         return booking
 
-    def use_slot(self, booking: Reservation, rate: float, max_wait: float) -> Reservation:
+    def use_slot(
+        self, booking: Reservation, rate: float, max_wait: float, lead: float = 0.0
+    ) -> Reservation:
         """Sleep until ``booking``'s slot and return the slot to send in (``booking`` or a
         fresh one); never return a slot the caller is known to be late for.
 
@@ -267,7 +270,7 @@ class RateLimiter:
             loose = self._uncertainty(booking) > late_limit / 2
             if loose and self._until_slot(booking) > late_limit:
                 loose = not self._settle_clock(booking, late_limit / 2)
-            self.sleep_until(booking)
+            self.sleep_until(booking, lead)
             if self.lateness(booking) <= late_limit:
                 return booking
             settled = loose and self._settle_clock(booking, late_limit / 2)
@@ -315,13 +318,16 @@ class RateLimiter:
         *,
         max_wait: float | None = None,
         hold: float | None = None,
-    ) -> Callable[[], Granted]:
+    ) -> Callable[..., Granted]:
         """Book ``account``'s next slot now (or take up the slot ``hold`` that an earlier
         ``SlotTooFar`` held for this caller); return the function that waits for it.
 
         When the slot is at most ``max_wait`` seconds away (default: the limiter's), calling
         the returned function sleeps until it (``use_slot``) and returns it as ``Granted``
-        (``waited``: the seconds since this call): the caller may send on return. Otherwise
+        (``waited``: the seconds since this call): the caller may send on return. Called with
+        ``lead``, it returns that many seconds before the slot, for work that must come right
+        before the send (a create's sent-mark), and the caller sleeps the rest with
+        ``Granted.wait_out()``. Otherwise
         ``SlotTooFar(account, retry_in, hold)`` is raised (by this call, or by the wait when
         the caller was late for its slot and its fresh one): the job should be rescheduled for
         ``retry_in`` seconds from now rather than hold a thread, and pass ``hold`` back here
@@ -343,9 +349,9 @@ class RateLimiter:
             metrics.record_far_slot(account)
             raise
 
-        def wait_for_it() -> Granted:
+        def wait_for_it(lead: float = 0.0) -> Granted:
             try:
-                used = self.use_slot(booking, rate, wait)
+                used = self.use_slot(booking, rate, wait, lead)
             except SlotTooFar:
                 metrics.record_far_slot(account)
                 raise
@@ -394,6 +400,10 @@ class Granted:
         self.booking = booking
         self._rate = rate
         self.waited = waited
+
+    def wait_out(self) -> None:
+        """Sleep until the slot itself (after a wait with a ``lead``): never early."""
+        self._limiter.sleep_until(self.booking)
 
     def late(self) -> bool:
         if self._limiter.lateness(self.booking) <= self._limiter.late_limit(self._rate):

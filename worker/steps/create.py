@@ -8,8 +8,11 @@ makes the payment ``create_unknown``; 400/422 make it ``rejected``.
 
 from __future__ import annotations
 
+import time
+
 import structlog
 
+from worker import metrics
 from worker.api.models import PaymentRequest
 from worker.errors import (
     Ambiguous,
@@ -80,7 +83,9 @@ def run_create(rt: Runtime, account: str, reference_id: str) -> str:
         if wanted:
             # Under Sentinel: the mark must reach a replica before the POST, or a failover
             # right after it could lose the mark and let a re-run post the payment again.
+            began = time.monotonic()
             acked = int(rt.redis.wait(wanted, int(settings.redis_wait_timeout * 1000)))
+            metrics.record_replica_wait(time.monotonic() - began, acked=acked >= wanted)
             if acked < wanted:
                 raise _ReplicaLag(f"the sent-mark reached {acked} of {wanted} replica(s)")
 
