@@ -76,7 +76,7 @@ def render(report: ChaosReport, wall: float) -> str:
             f"| Redis master SIGKILLed (master + replica + 3 sentinels, quorum 2, down-after "
             f"1 s); the old master restarted, rejoins as a replica | once, when "
             f"{c.redis_restart_after:.0%} of payments were final | at {restart.get('at_s')} s; "
-            f"new master named after {restart.get('promoted_s')} s |"
+            f"the first sentinel asked named the new master after {restart.get('promoted_s')} s |"
             if sentinel
             else f"| Redis SIGKILLed, restarted on its AOF (appendfsync always) | once, when "
             f"{c.redis_restart_after:.0%} of payments were final, down {c.redis_down_for:g} s | "
@@ -110,7 +110,8 @@ def render(report: ChaosReport, wall: float) -> str:
         *(
             [
                 f"- **Redis failover:** the master SIGKILLed at {restart.get('at_s')} s; the "
-                f"sentinels named the replica master after {restart.get('promoted_s')} s; the "
+                f"first sentinel asked (of three) named the replica master after "
+                f"{restart.get('promoted_s')} s (clients asking the others may learn sooner); the "
                 f"first change of state was recorded on it {restart.get('service_s')} s after "
                 f"the kill (`{restart.get('service_event')}`, the events stream's first id "
                 "past the kill: service); the old master was back as a replica after "

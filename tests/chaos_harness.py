@@ -749,7 +749,7 @@ def _judge(
         report.check(
             "time from the master's death to service (a state change recorded)",
             f"<= {config.failover_service_limit:g} s, no restart of any process",
-            f"{service} s (sentinels named the new master after "
+            f"{service} s (the first sentinel asked named the new master after "
             f"{redis_restart.get('promoted_s')} s)",
             service is not None and service <= config.failover_service_limit,
         )
