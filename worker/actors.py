@@ -116,25 +116,12 @@ def _note_outcome(outcome: str) -> None:
         message.options["_paypoll_outcome"] = outcome
 
 
-def _own(rt: Runtime, step: str, account: str, reference_id: str) -> None:
-    """Take ownership of the in-flight step: if this process dies, the sweeper dispatches it
-    again within PAYPOLL_DEAD_AFTER instead of waiting out the lease."""
-    if rt.identity:
-        rt.store.start_step(
-            account, step, reference_id, owner=rt.identity, lease=rt.settings.sweep_grace
-        )
-
-
 def _create(account: str, reference_id: str) -> None:
-    rt = _current()
-    _own(rt, "create", account, reference_id)
-    _note_outcome(steps.run_create(rt, account, reference_id))
+    _note_outcome(steps.run_create(_current(), account, reference_id))
 
 
 def _track(account: str, reference_id: str) -> None:
-    rt = _current()
-    _own(rt, "track", account, reference_id)
-    _note_outcome(steps.run_track(rt, account, reference_id))
+    _note_outcome(steps.run_track(_current(), account, reference_id))
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from worker.errors import (
 from worker.runtime import Runtime
 from worker.schedule import retry_delay
 from worker.steps.outcomes import (
+    begin_step,
     describe,
     hold_fields,
     log,
@@ -46,7 +47,7 @@ def run_create(rt: Runtime, account: str, reference_id: str) -> str:
     """
     structlog.contextvars.unbind_contextvars("payment_id")
     structlog.contextvars.bind_contextvars(account=account, reference_id=reference_id)
-    rec = rt.store.get(account, reference_id)
+    rec = begin_step(rt, "create", account, reference_id)
     if rec is None or rec.state not in (State.QUEUED, State.CREATING):
         rt.store.release(account, reference_id)
         return "nothing_to_do"

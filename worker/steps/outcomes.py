@@ -41,6 +41,18 @@ def persist(write: Callable[[], T]) -> T:
             delay = min(delay * 2, 2.0)
 
 
+def begin_step(rt: Runtime, step: str, account: str, reference_id: str) -> PaymentRecord | None:
+    """The payment's record as a dispatched ``step`` starts, and, in a worker process (one
+    with an identity), ownership of the step in the same round trip: if this process dies,
+    the sweeper dispatches the step again within PAYPOLL_DEAD_AFTER instead of waiting out
+    the lease. None when there is no record."""
+    if not rt.identity:
+        return rt.store.get(account, reference_id)
+    return rt.store.start_step(
+        account, step, reference_id, owner=rt.identity, lease=rt.settings.sweep_grace
+    )
+
+
 def describe(exc: ApiError) -> str:
     """The error as stored in ``last_error`` and shown to operators (never a secret)."""
     text = f"{type(exc).__name__}: {exc}"

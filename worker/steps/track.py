@@ -15,6 +15,7 @@ from worker.errors import ApiError, NotFound, SlotTooFar
 from worker.runtime import Runtime
 from worker.schedule import retry_delay
 from worker.steps.outcomes import (
+    begin_step,
     describe,
     hold_fields,
     log,
@@ -33,7 +34,7 @@ def run_track(rt: Runtime, account: str, reference_id: str) -> str:
     """Poll the payment of (account, reference_id) once and schedule the next poll or finish."""
     structlog.contextvars.unbind_contextvars("payment_id")
     structlog.contextvars.bind_contextvars(account=account, reference_id=reference_id)
-    rec = rt.store.get(account, reference_id)
+    rec = begin_step(rt, "track", account, reference_id)
     if rec is None or rec.state != State.PENDING:
         rt.store.release(account, reference_id)
         return "nothing_to_do"

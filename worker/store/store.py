@@ -381,17 +381,19 @@ class PaymentStore:
 
     def start_step(
         self, account: str, step: str, reference_id: str, *, owner: str, lease: float
-    ) -> bool:
-        """A worker process ``owner`` starts the in-flight ``step`` of a payment: it owns it
-        (the sweeper re-dispatches it once ``owner`` stops heartbeating) and its lease runs
-        from now. False when the step was not in flight (put back, or done already)."""
+    ) -> PaymentRecord | None:
+        """A worker process ``owner`` starts the in-flight ``step`` of a payment and reads its
+        record, in one round trip: it owns the step (the sweeper re-dispatches it once
+        ``owner`` stops heartbeating) and its lease runs from now, unless the step was not in
+        flight (put back, or done already). The record (None when there is none), read after
+        the ownership was taken: the step's first read, as :meth:`get` would give it."""
         k = self.keys
-        return bool(
-            self._start_step(
-                keys=[k.inflight(account, step), k.owners(account)],
-                args=[reference_id, step, owner, lease],
-            )
+        _owned, flat = self._start_step(
+            keys=[k.inflight(account, step), k.owners(account), k.payment(account, reference_id)],
+            args=[reference_id, step, owner, lease],
         )
+        raw = dict(zip(flat[::2], flat[1::2], strict=True))
+        return PaymentRecord.from_hash(raw) if raw else None
 
     # --- readers --------------------------------------------------------------------------------
     def get(self, account: str, reference_id: str) -> PaymentRecord | None:
