@@ -186,3 +186,24 @@ def _sigterm_pending(pid: int) -> bool:
         if line.startswith("ShdPnd:"):
             return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
     return False
+
+
+def test_dead_workers_are_those_silent_past_dead_after_on_the_redis_clock(
+    redis_client: redis.Redis, key_prefix: str
+) -> None:
+    """Beats are compared on Redis's clock: silent past dead_after (5 s) is dead, a recent
+    beat is alive, one older than the forget horizon (an hour) is no longer anyone's."""
+    from worker.settings import Settings
+    from worker.store import PaymentStore
+    from worker.sweeper import Sweeper
+
+    settings = Settings(redis_url="redis://unused", key_prefix=key_prefix, dead_after=5.0)
+    store = PaymentStore(redis=redis_client, keys=Keys(key_prefix))
+    seconds, micros = redis_client.time()
+    now = seconds + micros / 1e6
+    redis_client.zadd(
+        store.keys.heartbeat(),
+        {"alive": now - 1, "dead": now - 10, "long-gone": now - 7200, "barely": now - 4.5},
+    )
+    sweeper = Sweeper(settings=settings, store=store, send=lambda *step: None)
+    assert sweeper.dead_workers() == ["dead"]

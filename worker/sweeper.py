@@ -61,6 +61,16 @@ def inflight_budget(rate: float, max_wait: float, interval: float) -> int:
     return max(2, math.ceil(rate * (max_wait + 2 * interval)) + 2)
 
 
+# Heartbeats older than dead_after (ARGV[2]) but newer than the forget horizon (ARGV[1]), on
+# the server's clock: the clocks of the beating processes never enter the comparison.
+_DEAD_WORKERS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. (now - tonumber(ARGV[1])),
+                  '(' .. (now - tonumber(ARGV[2])))
+"""
+
+
 @dataclass
 class PassResult:
     """What one sweep pass did."""
@@ -92,6 +102,7 @@ class Sweeper:
                 settings=settings, store=PlanStore(redis=store.redis, keys=store.keys)
             )
         self._creates_waiting: dict[str, bool] = {}
+        self._dead_workers = store.redis.register_script(_DEAD_WORKERS)
 
     def accounts(self) -> Iterable[str]:
         """Configured accounts: only these can be served by this fleet's credentials."""
@@ -99,19 +110,13 @@ class Sweeper:
 
     def dead_workers(self) -> list[str]:
         """Worker processes that beat within the last HEARTBEAT_FORGET seconds but not within
-        ``dead_after``: the steps they own are dispatched again."""
-        keys = self.store.keys
-        pipe = self.store.redis.pipeline(transaction=False)
-        pipe.time()
-        pipe.zrange(keys.heartbeat(), 0, -1, withscores=True)
-        (seconds, micros), beats = pipe.execute()
-        now = int(seconds) + int(micros) / 1e6
-        stale = now - self.settings.dead_after
-        return [
-            m.decode() if isinstance(m, bytes) else str(m)
-            for m, at in beats
-            if now - HEARTBEAT_FORGET < at < stale
-        ]
+        ``dead_after``: the steps they own are dispatched again. One script on Redis's clock,
+        reading only those members of the heartbeat set (O(log N + dead))."""
+        dead = self._dead_workers(
+            keys=[self.store.keys.heartbeat()],
+            args=[HEARTBEAT_FORGET, self.settings.dead_after],
+        )
+        return [m.decode() if isinstance(m, bytes) else str(m) for m in dead]
 
     def run_pass(self, woken: Collection[str] = ()) -> PassResult:
         """One pass over every account (one Redis round trip for all claims); the counts.
