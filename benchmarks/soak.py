@@ -19,6 +19,7 @@ import argparse
 import datetime
 import json
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.chaos_harness import ChaosConfig, ChaosReport, run_chaos  # noqa: E402
+
+
+def code_at() -> str:
+    """The commit the run's code is at (short id), with a mark when worker/ had changes."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip()
+
+    dirty = git("status", "--porcelain", "worker")
+    return git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if dirty else "")
 
 
 def render(report: ChaosReport, wall: float) -> str:
@@ -45,7 +57,8 @@ def render(report: ChaosReport, wall: float) -> str:
         "# Reliability: the soak run",
         "",
         "Written by `benchmarks/soak.py` from its own run (do not edit by hand; run it again).",
-        f"Run: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
+        f"Run: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, code at {code_at()}, "
+        f"{platform.node()}, "
         f"{f.get('cpus')} CPUs, load average at the end {f.get('load_average')}, "
         f"{wall:.0f} s wall. Verdict: **{verdict}**.",
         "",
