@@ -649,3 +649,16 @@ def test_no_secret_or_token_in_logs_or_errors(
     basic = base64.b64encode(f"{CLIENT_ID}:{SECRET}".encode()).decode()
     for secret in (SECRET, "another-wrong-secret-xyz", basic, *tokens):
         assert secret not in everything
+
+
+def test_the_before_send_lead_follows_the_longest_recent_mark_within_its_cap() -> None:
+    """The lead grows at once to a slow mark, decays after it, and never passes its cap."""
+    from worker.api.client import BeforeSendLead
+
+    lead = BeforeSendLead(cap=0.010, decay=0.5)
+    lead.observe(0.004)
+    assert lead.seconds == 0.004
+    lead.observe(0.001)
+    assert lead.seconds == 0.002  # the slow one decays
+    lead.observe(0.5)
+    assert lead.seconds == 0.010  # capped: a mark is never older than that at the send

@@ -52,11 +52,28 @@ T = TypeVar("T")
 #: Largest answer body read: a PaymentRequest is a few hundred bytes; more is not our API.
 MAX_BODY = 1_048_576
 TOKEN_PATH = "/oauth/token"  # noqa: S105  (a path, not a password)
-# Seconds before its rate-limit slot a call with a ``before_send`` step wakes to run it, then
-# sleeps the rest: the step (a create's sent-mark) is at most this much older than the send.
-BEFORE_SEND_LEAD = 0.010
+# A call with a ``before_send`` step (a create's sent-mark) wakes that long before its
+# rate-limit slot to run it, then sleeps the rest; at most this much (the mark is never older
+# than this when the request leaves, so a kill in between rarely leaves a create ambiguous).
+BEFORE_SEND_LEAD_MAX = 0.010
 
 log = structlog.get_logger("worker.api")
+
+
+class BeforeSendLead:
+    """How long before its slot a call runs its ``before_send`` step: the longest such step
+    of late (each call's duration, the older ones decaying by ``decay`` per call), at most
+    ``cap``. Long enough that the step rarely makes the call late for its slot, short enough
+    that a create is marked sent only just before it is."""
+
+    def __init__(self, cap: float = BEFORE_SEND_LEAD_MAX, decay: float = 0.9) -> None:
+        self.cap = cap
+        self.decay = decay
+        self.seconds = cap / 4
+
+    def observe(self, took: float) -> None:
+        """One ``before_send`` step took ``took`` seconds."""
+        self.seconds = min(self.cap, max(took, self.seconds * self.decay))
 
 
 def _limiter_failed(exc: RedisError, account: Account, endpoint: str) -> NotSent:
@@ -93,6 +110,7 @@ class ApiClient:
         self._payments = self._base + "/" + settings.payments_path.strip("/")
         # A held rate-limit slot waiting for this thread's next booking (see _take_hold).
         self._holds = threading.local()
+        self._before_send_lead = BeforeSendLead()
         self.tokens = TokenCache(
             redis=redis,
             keys=keys if keys is not None else Keys(settings.key_prefix),
@@ -346,12 +364,15 @@ class ApiClient:
                 # made just before the slot rather than after it: its time no longer counts
                 # against the slot's lateness (measured: replica WAITs of 1-10 ms made 13% of
                 # a burst's creates miss their slots).
-                slot = wait_for_slot(BEFORE_SEND_LEAD if before_send is not None else 0.0)
+                lead = self._before_send_lead.seconds if before_send is not None else 0.0
+                slot = wait_for_slot(lead)
             except RedisError as exc:
                 raise _limiter_failed(exc, account, endpoint) from exc
             waited = slot.waited
             if before_send is not None:
+                marking = time.perf_counter()
                 before_send()
+                self._before_send_lead.observe(time.perf_counter() - marking)
                 slot.wait_out()
             started = time.perf_counter()
 
