@@ -24,7 +24,6 @@ from worker.collectors import read_store
 from worker.connection import connect_redis
 from worker.demo.redis_provider import redact_url
 from worker.errors import ApiError, CredentialsRefused, PaypollError, SlotTooFar
-from worker.keys import Keys
 from worker.settings import Settings, env_name
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
@@ -192,7 +191,7 @@ def check_queues(client: redis.Redis, settings: Settings) -> Finding:
     """Queue depths and the oldest due step: steps long overdue mean no fleet dispatches."""
     from worker.actors import QUEUES
 
-    keys = Keys(settings.key_prefix)
+    keys = settings.keys()
     snap = read_store(client, keys, settings.namespace, QUEUES, accounts=settings.accounts)
     ready = {queue: depth.ready for queue, depth in snap.queues.items()}
     scheduled = sum(step.scheduled for step in snap.steps.values())

@@ -194,7 +194,6 @@ class Fleet:
             prepare_multiprocess_dir,
             start_exporter,
         )
-        from worker.keys import Keys
         from worker.webhooks.endpoints import Endpoints
 
         made_dir = not self.settings.metrics_dir
@@ -210,7 +209,7 @@ class Fleet:
                 # (with paypoll_redis_up 0) even while Redis is down.
                 StoreCollector.from_url(
                     self.settings.redis_url,
-                    keys=Keys(self.settings.key_prefix),
+                    keys=self.settings.keys(),
                     namespace=self.settings.namespace,
                     queues=QUEUES,
                     accounts=self.settings.accounts,
@@ -282,7 +281,6 @@ class Fleet:
         import redis
 
         from worker.connection import connect_redis
-        from worker.keys import Keys
         from worker.outbox import prepare as prepare_outbox
         from worker.webhooks.endpoints import Endpoints
         from worker.webhooks.router import prepare as prepare_webhooks
@@ -297,7 +295,7 @@ class Fleet:
         client = connect_redis(self.settings.redis_url)
         try:
             for prepare in wanted:
-                prepare(client, Keys(self.settings.key_prefix))
+                prepare(client, self.settings.keys())
         except redis.RedisError as exc:
             log.warning("events.prepare_failed", error=type(exc).__name__)
         finally:

@@ -1,7 +1,14 @@
 """Every Redis key name paypoll uses, built in one place.
 
-Per-account keys carry the account in a hash tag (``{acme}``) so that a script touching one
-account's keys would run on Redis Cluster. The prefix lets deployments share one Redis.
+Per-account keys carry the account in a hash tag (``{acme}``): every key of one account is in
+one hash slot, so every script (which touches the keys of one account only) runs on Redis
+Cluster. The prefix lets deployments share one Redis.
+
+On a cluster (``cluster=True``) the events stream cannot be written by the scripts that change
+an account's payments (it is in another slot): they append to the account's own event outbox
+instead, and the sweeper relays outboxes into the stream, exactly once (worker/relay.py). The
+stream and the relay's cursors then share the ``{events}`` tag. On one Redis the scripts write
+the stream directly and the outboxes stay empty.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ class Keys:
     """Key names under ``prefix``."""
 
     prefix: str = defaults.KEY_PREFIX
+    cluster: bool = False
+    """Keys for Redis Cluster: the events stream goes through per-account outboxes."""
 
     def _acct(self, account: str) -> str:
         return f"{self.prefix}:{{{account}}}"
@@ -128,7 +137,23 @@ class Keys:
 
     def events(self) -> str:
         """Capped stream of payment state transitions for users to consume."""
+        if self.cluster:
+            return f"{self.prefix}:{{events}}"
         return f"{self.prefix}:events"
+
+    def event_outbox(self, account: str) -> str:
+        """Stream of the account's transitions not yet relayed to :meth:`events` (cluster)."""
+        return f"{self._acct(account)}:events"
+
+    def events_written(self, account: str) -> str:
+        """Where the store's scripts append an account's transitions: the events stream on one
+        Redis, the account's outbox on a cluster (the stream is in another slot there)."""
+        return self.event_outbox(account) if self.cluster else self.events()
+
+    def events_relayed(self) -> str:
+        """Hash: account -> the last outbox entry id relayed into the events stream (cluster;
+        in the stream's slot, so one script both appends and moves the cursor)."""
+        return f"{self.prefix}:{{events}}:relayed"
 
     # --- webhooks (worker/webhooks/) ---
     def webhook(self, endpoint: str, part: str) -> str:

@@ -18,7 +18,6 @@ import redis
 from worker.connection import connect_redis
 from worker.errors import ReplicationLag, ValidationError
 from worker.events import RECLAIM_AFTER, Subscription
-from worker.keys import Keys
 from worker.settings import Settings, load_settings
 from worker.store import PaymentRecord, PaymentSpec, PaymentStore
 from worker.validation import validate_payment, validate_reference_id
@@ -41,7 +40,7 @@ class Producer:
         settings = settings if settings is not None else load_settings()
         client = connect_redis(settings.redis_url)
         store = PaymentStore(
-            redis=client, keys=Keys(settings.key_prefix), events_maxlen=settings.events_maxlen
+            redis=client, keys=settings.keys(), events_maxlen=settings.events_maxlen
         )
         return cls(settings=settings, store=store)
 

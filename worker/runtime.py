@@ -40,7 +40,7 @@ class Runtime:
     def build(cls, settings: Settings, *, redis_client: Redis | None = None) -> Runtime:
         """Everything a worker or producer process needs, sharing one connection pool."""
         client = redis_client if redis_client is not None else connect_redis(settings.redis_url)
-        keys = Keys(settings.key_prefix)
+        keys = settings.keys()
         limiter = RateLimiter(
             redis=client,
             keys=keys,

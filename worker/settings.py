@@ -16,11 +16,14 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from worker import defaults
 from worker.errors import ConfigError
+
+if TYPE_CHECKING:
+    from worker.keys import Keys
 
 T = TypeVar("T")
 
@@ -141,13 +144,18 @@ def _parse_port(raw: str) -> int:
 
 
 def _parse_redis_url(raw: str) -> str:
-    from worker.connection import is_sentinel, parse_sentinel_url
+    from worker.connection import is_cluster, is_sentinel, parse_cluster_url, parse_sentinel_url
 
     if is_sentinel(raw):
         parse_sentinel_url(raw)
         return raw
+    if is_cluster(raw):
+        parse_cluster_url(raw)
+        return raw
     if urlsplit(raw).scheme not in {"redis", "rediss", "unix"}:
-        raise ValueError("expected a redis://, rediss://, unix:// or redis+sentinel:// URL")
+        raise ValueError(
+            "expected a redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL"
+        )
     return raw
 
 
@@ -291,6 +299,17 @@ class Settings:
         if self.redis_wait_replicas == "auto":
             return 1 if self.redis_url.startswith("redis+sentinel://") else 0
         return int(self.redis_wait_replicas)
+
+    @property
+    def redis_is_cluster(self) -> bool:
+        """Whether ``redis_url`` names a Redis Cluster."""
+        return self.redis_url.startswith(("redis+cluster://", "rediss+cluster://"))
+
+    def keys(self) -> Keys:
+        """The key names of this deployment (its prefix; the cluster layout on a cluster)."""
+        from worker.keys import Keys
+
+        return Keys(self.key_prefix, cluster=self.redis_is_cluster)
 
     def account(self, name: str) -> Account:
         """The configured account ``name``; raises UnknownAccount when there is none."""

@@ -28,7 +28,6 @@ from email.utils import parsedate_to_datetime
 
 from worker.connection import connect_redis, is_sentinel
 from worker.errors import PaypollError, SlotTooFar
-from worker.keys import Keys
 from worker.polling.store import PlanStore
 from worker.ratelimit import RateLimiter
 from worker.settings import Settings, load_settings
@@ -74,7 +73,7 @@ class SharedLimiter:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         client = connect_redis(settings.redis_url)
-        keys = Keys(settings.key_prefix)
+        keys = settings.keys()
         self.limiter = RateLimiter(
             redis=client,
             keys=keys,

@@ -12,6 +12,9 @@ One sweeper runs at a time in the whole fleet: each worker process runs a Sweepe
 takes a Redis lock; the holder renews it every pass, and when it dies another takes over within
 the lock's TTL.
 
+On Redis Cluster the sweeper also relays each account's event outbox into the events stream
+(worker/relay.py): the store's scripts cannot write the stream there, it is in another slot.
+
 Under the poll planner (the default ``PAYPOLL_POLL_POLICY``), the sweeper also plans and paces
 each key's polls (worker/polling/planner.py): tracks are claimed at most at the key's poll
 budget, oldest due first, so a key's polls never exceed their share of its rate.
@@ -37,6 +40,7 @@ from worker.lease import Lease
 from worker.polling.allocation import POLICIES_WITH_PLAN
 from worker.polling.planner import PollPlanner
 from worker.polling.store import PlanStore
+from worker.relay import EventRelay
 from worker.settings import Settings
 from worker.store import PaymentStore
 from worker.wake import WakeListener
@@ -78,6 +82,7 @@ class PassResult:
     dispatched_creates: int = 0
     dispatched_tracks: int = 0
     recovered: int = 0
+    relayed: int = 0  # events moved from the accounts' outboxes to the stream (Redis Cluster)
     most_overdue: float = 0.0
 
 
@@ -103,6 +108,7 @@ class Sweeper:
             )
         self._creates_waiting: dict[str, bool] = {}
         self._dead_workers = store.redis.register_script(_DEAD_WORKERS)
+        self.relay = EventRelay(store.redis, store.keys, maxlen=store.events_maxlen)
 
     def accounts(self) -> Iterable[str]:
         """Configured accounts: only these can be served by this fleet's credentials."""
@@ -149,6 +155,8 @@ class Sweeper:
                 self._creates_waiting[account] = claim.creates_due > 0 or bool(claim.creates)
             if claim.recovered:
                 log.warning("sweeper.recovered", account=account, steps=claim.recovered)
+            if claim.outbox:
+                result.relayed += self.relay.relay(account)
             per_account.append(
                 [("create", account, ref) for ref in claim.creates]
                 + [("track", account, ref) for ref in claim.tracks]

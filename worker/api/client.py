@@ -113,7 +113,7 @@ class ApiClient:
         self._before_send_lead = BeforeSendLead()
         self.tokens = TokenCache(
             redis=redis,
-            keys=keys if keys is not None else Keys(settings.key_prefix),
+            keys=keys if keys is not None else settings.keys(),
             fetch=self._fetch_token,
             renew_before=settings.token_renew_before,
             on_token=register_secret,

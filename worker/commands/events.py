@@ -80,11 +80,10 @@ def _print(event: Event, as_json: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from worker.connection import connect_redis
-    from worker.keys import Keys
 
     settings = settings_or_exit()
     client = connect_redis(settings.redis_url)
-    keys = Keys(settings.key_prefix)
+    keys = settings.keys()
     if args.groups:
         lags = run_or_report(lambda: group_lags(client, keys))
         if args.json:

@@ -114,7 +114,6 @@ def run(args: argparse.Namespace) -> int:
     from worker.actors import QUEUES
     from worker.connection import connect_redis
     from worker.demo.redis_provider import redact_url
-    from worker.keys import Keys
     from worker.terminal import LiveBlock
     from worker.top import build_report, read_top_store, scrape_fleets
 
@@ -123,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     settings = settings_or_exit()
     client = connect_redis(settings.redis_url)
-    keys = Keys(settings.key_prefix)
+    keys = settings.keys()
     urls = args.metrics or [default_metrics_url(settings.metrics_host, settings.metrics_port)]
     limits = {name: account.rate for name, account in settings.accounts.items()}
     live = not (args.plain or args.json or args.once) and sys.stdout.isatty()

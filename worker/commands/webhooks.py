@@ -34,13 +34,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from worker.connection import connect_redis
-    from worker.keys import Keys
     from worker.webhooks.endpoints import Endpoints
     from worker.webhooks.queue import EndpointQueue
 
     settings = settings_or_exit()
     client = connect_redis(settings.redis_url)
-    keys = Keys(settings.key_prefix)
+    keys = settings.keys()
     configured = set(Endpoints.from_settings(settings).by_name)
 
     def known() -> list[str]:

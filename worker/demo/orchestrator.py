@@ -32,7 +32,6 @@ from worker.demo.stack import (
     write_accounts_file,
 )
 from worker.demo.view import AccountLine, PlainView, Progress, summary_lines
-from worker.keys import Keys
 from worker.producer import Producer
 from worker.store import PaymentStore
 from worker.store.states import FINAL
@@ -189,7 +188,7 @@ class Demo:
         client = connect_redis(settings.redis_url)
         stack.callback(client.close)
         store = PaymentStore(
-            redis=client, keys=Keys(settings.key_prefix), events_maxlen=settings.events_maxlen
+            redis=client, keys=settings.keys(), events_maxlen=settings.events_maxlen
         )
         self.producer = Producer(settings=settings, store=store)
         self._submit()

@@ -30,6 +30,7 @@ from worker.polling.model import (
     spread,
     weights_text,
 )
+from worker.script_batch import ScriptBatch
 
 BACKFILL_BATCH = 500  # pending payments indexed per round trip by backfill_ages
 
@@ -65,16 +66,16 @@ class PlanStore:
     def read_inputs(self, accounts: Iterable[str]) -> dict[str, PlanInputs]:
         """Every account's plan inputs, pipelined in one round trip."""
         names = list(accounts)
-        pipe = self.redis.pipeline(transaction=False)
+        batch = ScriptBatch(self.redis)
         k = self.keys
         for account in names:
-            self._inputs(
-                keys=[k.pending_age(account), k.completions(account), k.shared_slots(account)],
-                args=list(AGE_EDGES),
-                client=pipe,
+            batch.add(
+                self._inputs,
+                [k.pending_age(account), k.completions(account), k.shared_slots(account)],
+                AGE_EDGES,
             )
         out = {}
-        for account, reply in zip(names, pipe.execute(), strict=True):
+        for account, reply in zip(names, batch.execute(), strict=True):
             flat = reply[2]
             raw = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
             out[account] = PlanInputs(

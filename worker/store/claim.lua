@@ -22,9 +22,12 @@
 -- ARGV[8] worker processes that stopped heartbeating, comma separated ('' for none): the
 --         steps they own go back to due now, whatever their lease (PAYPOLL_DEAD_AFTER)
 -- KEYS[8] held creates (ZSET ref -> due time of a create holding a rate-limit slot)
+-- KEYS[9] the account's event outbox (a stream, written instead of the events stream on Redis
+--         Cluster; empty on one Redis): its length tells the sweeper to relay it
 -- Returns {now, recovered, most_overdue_seconds, {create refs}, {track refs}, creates still due,
 -- tracks still due, held tracks claimed (the first ones of the track refs, outside the pace),
--- held creates claimed (the first ones of the create refs, outside the creates' pace)}: the
+-- held creates claimed (the first ones of the create refs, outside the creates' pace), events
+-- waiting in the outbox}: the
 -- claimed refs are now in flight with a lease of now + ARGV[2].
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -185,4 +188,4 @@ for k, step in ipairs({'create', 'track'}) do
 end
 return {string.format('%.6f', now), recovered, string.format('%.6f', overdue), claimed[1], claimed[2],
         redis.call('ZCOUNT', KEYS[3], '-inf', now), redis.call('ZCOUNT', KEYS[4], '-inf', now), held,
-        held_creates}
+        held_creates, redis.call('XLEN', KEYS[9])}

@@ -13,6 +13,7 @@ import redis
 from worker import defaults
 from worker.errors import ValidationError
 from worker.keys import Keys
+from worker.script_batch import ScriptBatch
 from worker.store.records import PaymentRecord, PaymentSpec
 from worker.store.states import ALL_STATES, FINAL, State, sources_of
 
@@ -75,6 +76,7 @@ class Claim:
     tracks_due: int = 0  # tracks still due after this claim (polls waiting for the budget)
     held_tracks: int = 0  # of ``tracks``, those holding a slot (claimed outside the pace)
     held_creates: int = 0  # of ``creates``, those holding a slot (outside the creates' pace)
+    outbox: int = 0  # events in the account's outbox, to relay (Redis Cluster only)
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,7 @@ class PaymentStore:
             k.payment(spec.account, spec.reference_id),
             k.by_state(spec.account, State.QUEUED),
             k.due(spec.account, "create"),
-            k.accounts(),
-            k.events(),
+            k.events_written(spec.account),
         ]
         args: list[Any] = [
             spec.account,
@@ -158,17 +159,27 @@ class PaymentStore:
         Idempotent: True when recorded, False when the same payment was already there; raises
         ValidationError when the reference_id is taken by a payment with other details.
         """
-        keys, args = self._submit_args(spec)
-        return self._check_existing(spec, self._submit(keys=keys, args=args))
+        return self._check_existing(spec, self._submit_replies([spec])[0])
+
+    def _submit_replies(self, specs: Sequence[PaymentSpec]) -> list[Any]:
+        """The submit script's reply for each spec, recorded in one pipelined round trip (two
+        on a cluster), their accounts listed first."""
+        # The accounts are listed first: the sweeper finds work through that set, which is in
+        # another hash slot than the accounts' keys (no script can write both on a cluster). An
+        # account listed whose payments then fail to record is harmless.
+        if not specs:
+            return []
+        batch = ScriptBatch(
+            self.redis, head=[("SADD", self.keys.accounts(), *sorted({s.account for s in specs}))]
+        )
+        for spec in specs:
+            batch.add(self._submit, *self._submit_args(spec))
+        return batch.execute()
 
     def submit_many(self, specs: Sequence[PaymentSpec]) -> list[bool | ValidationError]:
         """Submit a batch in one pipelined round trip; per spec True/False or the error."""
-        pipe = self.redis.pipeline(transaction=False)
-        for spec in specs:
-            keys, args = self._submit_args(spec)
-            self._submit(keys=keys, args=args, client=pipe)
         results: list[bool | ValidationError] = []
-        for spec, reply in zip(specs, pipe.execute(), strict=True):
+        for spec, reply in zip(specs, self._submit_replies(specs), strict=True):
             try:
                 results.append(self._check_existing(spec, reply))
             except ValidationError as exc:
@@ -182,16 +193,17 @@ class PaymentStore:
         same payment id; ValidationError when it exists with another.
         """
         k = self.keys
-        reply = self._submit(
-            keys=[
+        batch = ScriptBatch(self.redis, head=[("SADD", k.accounts(), account)])
+        batch.add(
+            self._submit,
+            [
                 k.payment(account, reference_id),
                 k.by_state(account, State.PENDING),
                 k.due(account, "track"),
-                k.accounts(),
-                k.events(),
+                k.events_written(account),
                 k.pending_age(account),
             ],
-            args=[
+            [
                 account,
                 reference_id,
                 State.PENDING.value,
@@ -203,6 +215,7 @@ class PaymentStore:
                 NOW,
             ],
         )
+        reply = batch.execute()[0]
         if int(reply[0]) == 1:
             # created_at is when paypoll started tracking it: the deadline counts from there.
             return True
@@ -253,7 +266,7 @@ class PaymentStore:
             k.inflight(account, "track"),
             k.due(account, "create"),
             k.due(account, "track"),
-            k.events(),
+            k.events_written(account),
             k.by_state(account, target),
             k.pending_age(account),
             k.not_before(account),
@@ -338,11 +351,12 @@ class PaymentStore:
         (stopped heartbeating) go back to due first."""
         dead_arg = ",".join(dead)
         k = self.keys
-        pipe = self.redis.pipeline(transaction=False)
+        calls = ScriptBatch(self.redis)
         for account, budget in budgets.items():
             pace = UNPACED if paces is None else paces.get(account, TrackPace(0))
-            self._claim(
-                keys=[
+            calls.add(
+                self._claim,
+                [
                     k.inflight(account, "create"),
                     k.inflight(account, "track"),
                     k.due(account, "create"),
@@ -351,8 +365,9 @@ class PaymentStore:
                     k.held(account),
                     k.owners(account),
                     k.held(account, "create"),
+                    k.event_outbox(account),
                 ],
-                args=[
+                [
                     budget,
                     lease,
                     batch,
@@ -362,10 +377,9 @@ class PaymentStore:
                     pace.creates,
                     dead_arg,
                 ],
-                client=pipe,
             )
         claims = {}
-        for account, reply in zip(budgets, pipe.execute(), strict=True):
+        for account, reply in zip(budgets, calls.execute(), strict=True):
             claims[account] = Claim(
                 now=float(reply[0]),
                 recovered=int(reply[1]),
@@ -376,6 +390,7 @@ class PaymentStore:
                 tracks_due=int(reply[6]),
                 held_tracks=int(reply[7]),
                 held_creates=int(reply[8]),
+                outbox=int(reply[9]),
             )
         return claims
 

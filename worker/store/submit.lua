@@ -1,9 +1,12 @@
 -- Record a new payment, unless one with this (account, reference_id) exists.
 --
 -- KEYS[1] the payment record (hash)         KEYS[2] the set of the initial state
--- KEYS[3] the due set of the first step      KEYS[4] the set of known accounts
--- KEYS[5] the events stream
--- KEYS[6] (when the initial state is pending) pending:age, the planner's ages of pending payments
+-- KEYS[3] the due set of the first step      KEYS[4] the events stream (the account's outbox on
+--         a cluster, see worker/keys.py)
+-- KEYS[5] (when the initial state is pending) pending:age, the planner's ages of pending payments
+-- The caller lists the account in the set of known accounts before this runs: that set is in
+-- another hash slot than the account's keys, and a payment recorded under an unlisted account
+-- would never be swept.
 -- ARGV[1] account   ARGV[2] reference_id   ARGV[3] initial state   ARGV[4] events maxlen
 -- ARGV[5] number N of identity fields that must match an existing record (they come first)
 -- ARGV[6..] field, value pairs to store (a value '$now' is replaced by the Redis time)
@@ -38,10 +41,9 @@ end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('SADD', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[3], now, ARGV[2])
-redis.call('SADD', KEYS[4], ARGV[1])
-if KEYS[6] then
-  redis.call('ZADD', KEYS[6], now, ARGV[2])
+if KEYS[5] then
+  redis.call('ZADD', KEYS[5], now, ARGV[2])
 end
-redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[4], '*',
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*',
            'account', ARGV[1], 'reference_id', ARGV[2], 'from', '', 'to', ARGV[3], 'at', nstr)
 return {1, nstr}

@@ -128,11 +128,20 @@ class Router(GroupReader):
                 account=event.account,
                 reference_id=event.reference_id,
             )
-            pipe = self.store.redis.pipeline(transaction=True)
-            pipe.xadd(keys.webhook(endpoint.name, "queue"), webhook.fields())
-            pipe.sadd(keys.webhook_endpoints(), endpoint.name)
-            pipe.xack(keys.events(), WEBHOOK_GROUP, event.id)
-            pipe.execute()
+            queue = keys.webhook(endpoint.name, "queue")
+            if keys.cluster:
+                # The three keys are in three slots, and no transaction spans slots: queued,
+                # listed, then acked, one after the other, so a router that dies in between
+                # queues the event again (the same webhook-id: receivers de-duplicate on it).
+                self.store.redis.xadd(queue, webhook.fields())
+                self.store.redis.sadd(keys.webhook_endpoints(), endpoint.name)
+                self.store.redis.xack(keys.events(), WEBHOOK_GROUP, event.id)
+            else:
+                pipe = self.store.redis.pipeline(transaction=True)
+                pipe.xadd(queue, webhook.fields())
+                pipe.sadd(keys.webhook_endpoints(), endpoint.name)
+                pipe.xack(keys.events(), WEBHOOK_GROUP, event.id)
+                pipe.execute()
             queued += 1
             touched.add(endpoint.name)
         if unwanted:
