@@ -388,3 +388,39 @@ def test_the_sentinel_compose_variant_points_every_worker_at_three_sentinels() -
     for name in ("sentinel-1", "sentinel-2", "sentinel-3"):
         command = " ".join(services[name]["command"])
         assert "sentinel monitor mymaster redis 6379 2" in command and "--sentinel" in command
+
+
+def test_the_cluster_compose_variant_runs_three_masters_and_points_workers_at_them() -> None:
+    data: dict[str, Any] = read_yaml_subset((ROOT / "docker-compose.cluster.yml").read_text())
+    services = data["services"]
+    nodes = ["redis-node-1", "redis-node-2", "redis-node-3"]
+    assert {*nodes, "redis-cluster-init", "worker"} <= set(services)
+    for name in nodes:
+        command = services[name]["command"]
+        for flag, value in (
+            ("--cluster-enabled", "yes"),
+            ("--appendonly", "yes"),
+            ("--maxmemory-policy", "noeviction"),
+            ("--cluster-announce-hostname", name),
+        ):
+            assert command[command.index(flag) + 1] == value, (name, flag)
+        assert services["redis-cluster-init"]["depends_on"][name]["condition"] == "service_healthy"
+    init = " ".join(services["redis-cluster-init"]["command"])
+    assert "--cluster create" in init and "--cluster-yes" in init
+    assert all(f"getent hosts {name}" in init for name in nodes)
+    assert "$$(" in init  # compose would interpolate a single $
+    worker = services["worker"]
+    assert worker["depends_on"]["redis-cluster-init"]["condition"] == (
+        "service_completed_successfully"
+    )
+    url = worker["environment"]["PAYPOLL_REDIS_URL"]
+    from worker.connection import parse_cluster_url
+
+    assert [host for host, _ in parse_cluster_url(url).nodes] == nodes
+    # It goes with the RabbitMQ variant: together they make a configuration paypoll accepts.
+    rabbit: dict[str, Any] = read_yaml_subset((ROOT / "docker-compose.rabbitmq.yml").read_text())
+    broker = rabbit["services"]["worker"]["environment"]["PAYPOLL_BROKER_URL"]
+    settings = load_settings({"PAYPOLL_REDIS_URL": url, "PAYPOLL_BROKER_URL": broker})
+    assert settings.keys().cluster
+    with pytest.raises(ConfigError):
+        load_settings({"PAYPOLL_REDIS_URL": url})  # not without a broker for the jobs

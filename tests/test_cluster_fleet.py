@@ -1,0 +1,115 @@
+"""A real fleet on Redis Cluster and RabbitMQ (issue 14): payments flow from submit to final
+through a live reshard of one account's slot, each create made once, no 429, every final state
+in the events stream exactly once, and wait_for answering from the cluster."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster_topology import ClusterTopology, running_cluster
+from tests.fleet_harness import paypoll_env, running_fleet, write_accounts
+from tests.rabbitmq_server import RabbitMQ, rabbitmq_broker
+from tests.sandbox_fixture import running_sandbox
+from tests.waiting import wait_until
+from worker.connection import connect_redis
+from worker.producer import Producer
+from worker.settings import load_settings
+from worker.store import FINAL
+
+CLIENTS = {"north": "north-secret-Cl1", "south": "south-secret-Cl2", "east": "east-secret-Cl3"}
+RATE = 5
+PAYMENTS = 90
+
+
+@pytest.fixture(scope="module")
+def rabbitmq() -> Iterator[RabbitMQ]:
+    with rabbitmq_broker() as (server, why_not):
+        if server is None:
+            pytest.skip(why_not)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[ClusterTopology]:
+    with running_cluster() as topology:
+        yield topology
+
+
+@pytest.mark.timeout(240)
+def test_a_fleet_on_cluster_and_rabbitmq_rides_out_a_live_reshard(
+    tmp_path: Path, cluster: ClusterTopology, rabbitmq: RabbitMQ
+) -> None:
+    with (
+        rabbitmq.vhost() as vhost,
+        running_sandbox(
+            client=[f"{c}:{s}" for c, s in CLIENTS.items()],
+            rate=RATE,
+            limit_mode="sliding",
+            pay_after="2:6",
+            outcomes="paid=0.7,expired=0.15,cancelled=0.15",
+            seed=21,
+        ) as sandbox,
+    ):
+        env = paypoll_env(
+            redis_url=cluster.url,
+            api_url=sandbox.url,
+            accounts_file=write_accounts(tmp_path, CLIENTS, RATE),
+            key_prefix="clf",
+            broker_url=rabbitmq.url(vhost),
+        )
+        settings = load_settings(env)
+        keys = settings.keys()
+        assert keys.cluster
+        producer = Producer.from_settings(settings)
+        names = sorted(CLIENTS)
+        for i in range(PAYMENTS):
+            producer.submit_payment(
+                account=names[i % len(names)],
+                amount="12.50",
+                redirect_url="https://shop.test/thanks",
+                reference_id=f"order-{i}",
+            )
+        client = connect_redis(cluster.url)
+        moving = "north"
+        slot = cluster.slot_of(keys.payment(moving, "x"))
+        source = cluster.owner_port(slot)
+        with running_fleet(env, processes=2, threads=8) as fleet:
+            # The hosted url comes back through the cluster's pub/sub while the fleet works.
+            record = producer.wait_for("order-0", account=names[0], timeout=60)
+            assert record.url
+            wait_until(
+                lambda: producer.counts()["pending"] >= 10, timeout=60, what="payments in tracking"
+            )
+            moved: list[int] = []
+            mover = threading.Thread(
+                target=lambda: moved.append(cluster.move_slot(slot, batch=2, pause=0.05))
+            )
+            mover.start()
+            mover.join(120)
+            assert moved and moved[0] != source and cluster.owner_port(slot) == moved[0]
+
+            def all_final() -> bool:
+                counts = producer.counts()
+                return sum(counts[s.value] for s in FINAL) == PAYMENTS
+
+            wait_until(all_final, timeout=150, interval=0.25, what=f"{PAYMENTS} payments final")
+            assert fleet.process.poll() is None
+        stats = sandbox.stats()
+        assert stats["duplicates"] == []
+        for client_id in CLIENTS:
+            assert stats["clients"][client_id]["rate_limited"] == 0, stats["clients"][client_id]
+        made = [n for refs in stats["creates_by_reference"].values() for n in refs.values()]
+        assert sorted(made) == [1] * PAYMENTS
+        # Every final state reached the events stream once (relayed from the outboxes).
+        finals = [
+            (f[b"account"], f[b"reference_id"])
+            for _, f in client.xrange(keys.events())  # type: ignore[union-attr]
+            if f[b"to"].decode() in {s.value for s in FINAL}
+        ]
+        assert len(finals) == len(set(finals)) == PAYMENTS
+        assert all(client.xlen(keys.event_outbox(a)) == 0 for a in CLIENTS)
+        assert client.keyslot(keys.payment(moving, "order-0")) == slot  # type: ignore[attr-defined]
