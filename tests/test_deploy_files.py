@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from worker.cli import COMMANDS
+from worker.errors import ConfigError
 from worker.settings import ENV_HELP, Settings, env_name, load_accounts_file, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
