@@ -16,6 +16,7 @@ import redis
 from tests.cluster_topology import ClusterTopology, running_cluster
 from tests.waiting import wait_until
 from worker.connection import connect_redis, parse_cluster_url
+from worker.doctor import check_cluster
 from worker.errors import ConfigError
 from worker.events import Subscription, ensure_group
 from worker.keys import Keys
@@ -226,3 +227,19 @@ def test_the_store_keeps_working_through_a_live_reshard(
     assert progress["relayed"] == len(events) == 2 * total  # queued + creating, each once
     seen = [(f[b"reference_id"], f[b"to"]) for _, f in events]  # type: ignore[union-attr]
     assert len(set(seen)) == len(seen)
+
+
+def test_doctor_checks_every_master_of_the_cluster(
+    cluster: ClusterTopology, client: redis.Redis
+) -> None:
+    finding = check_cluster(client)
+    assert finding.status == "warn", finding
+    assert finding.message.startswith("3 masters, 16384 of 16384 slots served, cluster_state ok")
+    assert "AOF on 0 of 3" in finding.message
+    try:
+        for server in cluster.servers:
+            cluster.node(server.port).config_set("appendonly", "yes")
+        assert check_cluster(client).status == "ok"
+    finally:
+        for server in cluster.servers:
+            cluster.node(server.port).config_set("appendonly", "no")

@@ -88,6 +88,27 @@ def check_redis(client: redis.Redis, url: str) -> tuple[Finding, dict[str, Any] 
     return Finding("redis", OK, f"{where} answers, Redis {version}"), info
 
 
+def check_cluster(client: Any) -> Finding:
+    """On Redis Cluster: every slot served, the state ok, and what each master runs with (the
+    other checks read one node's INFO; a node without AOF loses its slots' payments)."""
+    slots = client.cluster_slots()  # {(start, end): {"primary": (host, port), ...}}
+    served = sum(end - start + 1 for start, end in slots)
+    state = client.cluster_info().get("cluster_state", "?")
+    infos = client.info(target_nodes=client.get_primaries())
+    no_aof = sorted(name for name, info in infos.items() if not info.get("aof_enabled"))
+    message = (
+        f"{len(infos)} masters, {served} of 16384 slots served, cluster_state {state}; "
+        f"AOF on {len(infos) - len(no_aof)} of {len(infos)}"
+    )
+    if state != "ok" or served < 16384:
+        return Finding(
+            "cluster", FAIL, message, "fix the cluster (redis-cli --cluster check / fix)"
+        )
+    if no_aof:
+        return Finding("cluster", WARN, message, f"turn AOF on for {', '.join(no_aof)}")
+    return Finding("cluster", OK, message)
+
+
 def check_persistence(info: dict[str, Any]) -> Finding:
     """AOF on: without it a Redis restart loses every payment since the last snapshot."""
     if int(info.get("aof_enabled", 0)) == 1:
@@ -224,6 +245,11 @@ def run_checks(settings: Settings, *, redis_client: redis.Redis | None = None) -
         findings += [Finding(name, SKIP, "Redis does not answer") for name in skipped]
     else:
         findings += [check_persistence(info), check_eviction(info), check_clock(client)]
+        if settings.redis_is_cluster:
+            try:
+                findings.append(check_cluster(client))
+            except redis.RedisError as exc:
+                findings.append(Finding("cluster", FAIL, f"cannot read the cluster: {exc}", ""))
         try:
             from worker.runtime import Runtime
 
