@@ -28,6 +28,7 @@ from dramatiq.middleware import (
 
 from worker import metrics, steps
 from worker.connection import connect_redis, is_sentinel
+from worker.errors import ConfigError
 from worker.runtime import Runtime
 from worker.settings import Settings
 
@@ -83,9 +84,11 @@ class JobContext(Middleware):
     after_skip_message = after_process_message
 
 
-def build_broker(settings: Settings) -> RedisBroker:
-    """A Redis broker on ``settings.redis_url`` under ``settings.namespace``, with the
-    middleware paypoll wants (no dramatiq Prometheus exporter: paypoll runs its own)."""
+def build_broker(settings: Settings) -> dramatiq.Broker:
+    """The broker of the job queues, with the middleware paypoll wants (no dramatiq Prometheus
+    exporter: paypoll runs its own): RabbitMQ when ``settings.broker_url`` is amqp(s)://
+    (worker/rabbitmq.py: confirms, quorum queues), else a Redis broker on
+    ``settings.jobs_url()`` under ``settings.namespace``. Connects lazily."""
     middleware = [
         AgeLimit(),
         TimeLimit(),
@@ -96,15 +99,26 @@ def build_broker(settings: Settings) -> RedisBroker:
         CurrentMessage(),
         JobContext(),
     ]
-    if is_sentinel(settings.redis_url):
+    problem = settings.jobs_broker_problem()
+    if problem:
+        raise ConfigError(problem)
+    if settings.uses_rabbitmq():
+        from worker.rabbitmq import DurableRabbitmqBroker
+
+        broker: dramatiq.Broker = DurableRabbitmqBroker(
+            url=settings.broker_url, middleware=middleware
+        )
+        return broker
+    url = settings.jobs_url()
+    if is_sentinel(url):
         # dramatiq's broker takes a client: the Sentinel one follows the master.
         return RedisBroker(  # type: ignore[no-untyped-call]
-            client=connect_redis(settings.redis_url),
+            client=connect_redis(url),
             namespace=settings.namespace,
             middleware=middleware,
         )
     return RedisBroker(  # type: ignore[no-untyped-call]
-        url=settings.redis_url, namespace=settings.namespace, middleware=middleware
+        url=url, namespace=settings.namespace, middleware=middleware
     )
 
 
@@ -137,7 +151,7 @@ class Actors:
         actor.send(account, reference_id)
 
 
-def declare_actors(broker: RedisBroker, settings: Settings) -> Actors:
+def declare_actors(broker: dramatiq.Broker, settings: Settings) -> Actors:
     """Declare paypoll's actors on ``broker`` (once per broker)."""
     max_age = int(settings.sweep_grace * 1000 * STEP_MAX_AGE_MS_FACTOR)
     options: dict[str, Any] = {

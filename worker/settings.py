@@ -159,6 +159,36 @@ def _parse_redis_url(raw: str) -> str:
     return raw
 
 
+AMQP_SCHEMES = ("amqp", "amqps")
+
+
+def _parse_broker_url(raw: str) -> str:
+    """An amqp:// or amqps:// URL (RabbitMQ), or a Redis URL (dramatiq's Redis broker there).
+    Errors never echo the URL: it may hold a password."""
+    parts = urlsplit(raw)
+    if parts.scheme in AMQP_SCHEMES:
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if not parts.hostname or port == -1:
+            raise ValueError("expected amqp://user:password@host:port/vhost (amqps:// for TLS)")
+        if "/" in parts.path[1:]:
+            raise ValueError("expected one vhost after the host (write a / in it as %2F)")
+        return raw
+    if parts.scheme in {"redis+cluster", "rediss+cluster"}:
+        raise ValueError(
+            "expected amqp:// or amqps://: dramatiq's Redis broker cannot run on Redis Cluster"
+        )
+    try:
+        return _parse_redis_url(raw)
+    except ValueError:
+        raise ValueError(
+            "expected an amqp:// or amqps:// URL (RabbitMQ), or a redis://, rediss://, unix:// "
+            "or redis+sentinel:// URL (empty: the jobs on PAYPOLL_REDIS_URL)"
+        ) from None
+
+
 def _parse_replicas(raw: str) -> str:
     if raw != "auto" and not raw.isdigit():
         raise ValueError("expected auto or a number of replicas >= 0")
@@ -245,6 +275,8 @@ class Settings:
     """
 
     redis_url: str = defaults.REDIS_URL
+    broker_url: str = ""
+    """Where the job queues live: empty for dramatiq's Redis broker on ``redis_url``."""
     redis_wait_replicas: str = "auto"
     redis_wait_timeout: float = defaults.REDIS_WAIT_TIMEOUT
     api_url: str = defaults.API_URL
@@ -311,6 +343,26 @@ class Settings:
 
         return Keys(self.key_prefix, cluster=self.redis_is_cluster)
 
+    def jobs_url(self) -> str:
+        """The URL of the broker the job queues live on (``broker_url``, else ``redis_url``)."""
+        return self.broker_url or self.redis_url
+
+    def uses_rabbitmq(self) -> bool:
+        """Whether the job queues live on RabbitMQ."""
+        return urlsplit(self.broker_url).scheme in AMQP_SCHEMES
+
+    def jobs_broker_problem(self) -> str:
+        """Why the job queues have no broker ("" when they have one): on Redis Cluster, without
+        ``PAYPOLL_BROKER_URL`` (dramatiq's Redis broker cannot run on a cluster). Producers and
+        the CLI need no broker (the sweeper dispatches), so only what runs jobs asks."""
+        if self.redis_is_cluster and not self.broker_url:
+            return (
+                f"{env_name('broker_url')}: required with Redis Cluster (amqp://... for "
+                "RabbitMQ, or a Redis outside the cluster): dramatiq's Redis broker cannot run "
+                "on a cluster"
+            )
+        return ""
+
     def account(self, name: str) -> Account:
         """The configured account ``name``; raises UnknownAccount when there is none."""
         from worker.errors import UnknownAccount
@@ -332,6 +384,11 @@ ENV_HELP: dict[str, tuple[Callable[[str], Any], str]] = {
     "redis_url": (
         _parse_redis_url,
         "Redis for broker, limiter and records (rediss://, passwords, redis+sentinel://)",
+    ),
+    "broker_url": (
+        _parse_broker_url,
+        "Broker of the job queues: amqp(s):// for RabbitMQ (quorum queues), or a Redis URL "
+        "(empty: dramatiq's Redis broker on PAYPOLL_REDIS_URL)",
     ),
     "redis_wait_replicas": (
         _parse_replicas,
