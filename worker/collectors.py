@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
@@ -26,6 +26,7 @@ from redis.retry import Retry
 
 from worker import defaults
 from worker.connection import connect_redis
+from worker.errors import PaypollError
 from worker.events import GroupLag, group_lags
 from worker.keys import Keys
 from worker.polling.gauges import planner_families, read_planner
@@ -55,12 +56,20 @@ def _text(value: bytes | str) -> str:
 
 @dataclass(frozen=True)
 class QueueDepth:
-    """What dramatiq's Redis broker holds for one queue (see :func:`read_store`)."""
+    """What the broker holds for one queue (see :func:`read_store` and
+    :func:`broker_queue_reader`)."""
 
-    ready: int  # message ids waiting in the list, not fetched by any worker yet
-    unacked: int  # messages enqueued and not acknowledged: ready + held or run by workers
+    ready: int  # messages waiting, not fetched by any worker yet
+    # messages enqueued and not acknowledged: ready + held or run by workers (None: the broker
+    # does not say; RabbitMQ tells it only through its management plugin)
+    unacked: int | None
     delayed: int  # delayed messages (retries, backoffs) not yet moved to the queue
     dead: int  # dead-lettered messages
+
+
+QueueReader = Callable[[Sequence[str]], dict[str, QueueDepth]]
+"""Reads the depths of queues kept apart from the store (``PAYPOLL_BROKER_URL``); raises
+redis.RedisError or a PaypollError (RabbitMQ's BrokerUnavailable) when it cannot."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +104,8 @@ def read_store(
     accounts: Iterable[str] = (),
     heartbeat_stale_after: float = HEARTBEAT_STALE_AFTER,
 ) -> StoreSnapshot:
-    """Read everything the gauges show, in three round trips (two pipelined) whatever the account count.
+    """Read everything the gauges show, in three round trips (two pipelined) whatever the account
+    count.
 
     Layout read (the store's, written by worker/store.py, and dramatiq 2.2.1's Redis broker):
 
@@ -120,18 +130,10 @@ def read_store(
     now = int(seconds) + int(micros) / 1e6
     first = client.pipeline(transaction=False)
     first.smembers(keys.accounts())
-    for queue in queues:
-        base = f"{namespace}:{queue}"
-        first.llen(base)
-        first.hlen(f"{base}.msgs")
-        first.hlen(f"{base}.DQ.msgs")
-        first.zcard(f"{base}.XQ")
+    _queue_commands(first, namespace, queues)
     replies: list[Any] = [None, *first.execute()]
     known = sorted({_text(a) for a in replies[1]} | set(accounts))
-    depths: dict[str, QueueDepth] = {}
-    for i, queue in enumerate(queues):
-        ready, unacked, delayed, dead = replies[2 + 4 * i : 6 + 4 * i]
-        depths[queue] = QueueDepth(int(ready), int(unacked), int(delayed), int(dead))
+    depths = _queue_depths(replies[2:], queues)
 
     second = client.pipeline(transaction=False)
     second.zcount(keys.heartbeat(), now - heartbeat_stale_after, "+inf")
@@ -172,6 +174,60 @@ def read_store(
     return snapshot
 
 
+def _queue_commands(pipe: Any, namespace: str, queues: Sequence[str]) -> None:
+    # dramatiq 2.2.1's Redis broker layout: see read_store.
+    for queue in queues:
+        base = f"{namespace}:{queue}"
+        pipe.llen(base)
+        pipe.hlen(f"{base}.msgs")
+        pipe.hlen(f"{base}.DQ.msgs")
+        pipe.zcard(f"{base}.XQ")
+
+
+def _queue_depths(replies: Sequence[Any], queues: Sequence[str]) -> dict[str, QueueDepth]:
+    depths: dict[str, QueueDepth] = {}
+    for i, queue in enumerate(queues):
+        ready, unacked, delayed, dead = replies[4 * i : 4 * i + 4]
+        depths[queue] = QueueDepth(int(ready), int(unacked), int(delayed), int(dead))
+    return depths
+
+
+def broker_queue_reader(
+    broker_url: str, namespace: str, *, timeout: float = SCRAPE_REDIS_TIMEOUT
+) -> QueueReader | None:
+    """How to read the queues of ``broker_url`` (``PAYPOLL_BROKER_URL``), or None when it is
+    empty: the queues are then on the store's Redis and :func:`read_store` reads them.
+
+    RabbitMQ (amqp://): passive declares over one short connection per read
+    (worker/rabbitmq.py ``read_queues``: ready, delay and dead-letter counts; ``unacked`` is
+    None). Another Redis: dramatiq's layout there, as :func:`read_store` reads it. ``timeout``
+    bounds each connect and answer, no retries."""
+    if not broker_url:
+        return None
+    if broker_url.startswith(("amqp://", "amqps://")):
+
+        def read_rabbitmq(queues: Sequence[str]) -> dict[str, QueueDepth]:
+            from worker.rabbitmq import read_queues
+
+            counts = read_queues(broker_url, queues, timeout=timeout)
+            return {
+                queue: QueueDepth(ready=c.ready, unacked=None, delayed=c.delayed, dead=c.dead)
+                for queue, c in counts.items()
+            }
+
+        return read_rabbitmq
+    client = connect_redis(
+        broker_url, socket_timeout=timeout, connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
+    )
+
+    def read_redis(queues: Sequence[str]) -> dict[str, QueueDepth]:
+        pipe = client.pipeline(transaction=False)
+        _queue_commands(pipe, namespace, queues)
+        return _queue_depths(pipe.execute(), queues)
+
+    return read_redis
+
+
 class StoreCollector(Collector):
     """A prometheus-client collector of the store's gauges, read at each scrape.
 
@@ -191,8 +247,10 @@ class StoreCollector(Collector):
         heartbeat_stale_after: float = HEARTBEAT_STALE_AFTER,
         events_cap: int = defaults.EVENTS_MAXLEN,
         webhook_endpoints: Iterable[str] = (),
+        queue_reader: QueueReader | None = None,
     ) -> None:
         self._redis = redis
+        self._queue_reader = queue_reader
         self._events_cap = events_cap
         self._webhook_endpoints = tuple(webhook_endpoints)
         self._accounts = tuple(accounts)
@@ -214,8 +272,10 @@ class StoreCollector(Collector):
         heartbeat_stale_after: float = HEARTBEAT_STALE_AFTER,
         events_cap: int = defaults.EVENTS_MAXLEN,
         webhook_endpoints: Iterable[str] = (),
+        broker_url: str = "",
     ) -> StoreCollector:
-        """A collector with its own client: ``timeout`` per socket operation and no retries.
+        """A collector with its own client: ``timeout`` per socket operation and no retries;
+        the queues read from ``broker_url`` when it is set (:func:`broker_queue_reader`).
 
         redis-py's default client retries a failed connection 10 times with backoff, which
         stretches a scrape with Redis down past Prometheus's scrape timeout; this one answers
@@ -233,6 +293,7 @@ class StoreCollector(Collector):
             heartbeat_stale_after=heartbeat_stale_after,
             events_cap=events_cap,
             webhook_endpoints=webhook_endpoints,
+            queue_reader=broker_queue_reader(broker_url, namespace, timeout=timeout),
         )
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
@@ -250,7 +311,8 @@ class StoreCollector(Collector):
                 self._redis,
                 self._keys,
                 self._namespace,
-                self._queues,
+                # Queues kept apart (PAYPOLL_BROKER_URL) are read below, from their broker.
+                () if self._queue_reader else self._queues,
                 accounts=self._accounts,
                 heartbeat_stale_after=self._stale_after,
             )
@@ -272,6 +334,20 @@ class StoreCollector(Collector):
             return
         up.add_metric([], 1)
         yield up
+        broker_up = GaugeMetricFamily(
+            "paypoll_broker_up",
+            "1 if the exporter read the job queues from their broker (Redis or RabbitMQ)",
+        )
+        queues_read = True
+        if self._queue_reader is not None:
+            try:
+                snapshot = replace(snapshot, queues=self._queue_reader(self._queues))
+            except (redis.RedisError, PaypollError) as exc:
+                # BrokerUnavailable's text masks the password; redis-py's names no password.
+                log.warning("metrics: cannot read the job queues: %s", exc)
+                queues_read = False
+        broker_up.add_metric([], 1 if queues_read else 0)
+        yield broker_up
         yield from self._families(snapshot)
         yield from planner_families(planner)
         yield from self._event_families(events)
@@ -348,7 +424,8 @@ class StoreCollector(Collector):
         }
         for queue, depth in snap.queues.items():
             for attr, family in families.items():
-                family.add_metric([queue], getattr(depth, attr))
+                if getattr(depth, attr) is not None:
+                    family.add_metric([queue], getattr(depth, attr))
         yield from families.values()
 
         alive = GaugeMetricFamily(

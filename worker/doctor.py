@@ -13,14 +13,14 @@ import errno
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import redis
 import requests
 
 from worker.api.client import ApiClient
-from worker.collectors import read_store
+from worker.collectors import broker_queue_reader, read_store
 from worker.connection import connect_redis
 from worker.demo.redis_provider import redact_url
 from worker.errors import ApiError, CredentialsRefused, PaypollError, SlotTooFar
@@ -213,7 +213,12 @@ def check_queues(client: redis.Redis, settings: Settings) -> Finding:
     from worker.actors import QUEUES
 
     keys = settings.keys()
-    snap = read_store(client, keys, settings.namespace, QUEUES, accounts=settings.accounts)
+    reader = broker_queue_reader(settings.broker_url, settings.namespace, timeout=TIMEOUT)
+    snap = read_store(
+        client, keys, settings.namespace, () if reader else QUEUES, accounts=settings.accounts
+    )
+    if reader is not None:
+        snap = replace(snap, queues=reader(QUEUES))
     ready = {queue: depth.ready for queue, depth in snap.queues.items()}
     scheduled = sum(step.scheduled for step in snap.steps.values())
     overdue = sum(step.overdue for step in snap.steps.values())
@@ -231,6 +236,40 @@ def check_queues(client: redis.Redis, settings: Settings) -> Finding:
         )
         return Finding("queues", FAIL, message, fix)
     return Finding("queues", OK, message)
+
+
+def check_broker(settings: Settings) -> Finding:
+    """The job queues' broker answers: RabbitMQ (login, vhost, version, the queue type
+    paypoll declares there) or the Redis of ``PAYPOLL_BROKER_URL``; without one, the jobs are
+    on the store's Redis (checked above)."""
+    if not settings.broker_url:
+        return Finding("broker", OK, f"the job queues are on {redact_url(settings.redis_url)}")
+    where = redact_url(settings.broker_url)
+    fix = f"start it there, or set {env_name('broker_url')} to the broker the fleets use"
+    if not settings.uses_rabbitmq():
+        client = connect_redis(settings.broker_url, socket_timeout=TIMEOUT, connect_timeout=TIMEOUT)
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            return Finding("broker", FAIL, f"{where} does not answer ({type(exc).__name__})", fix)
+        finally:
+            client.close()
+        return Finding("broker", OK, f"the job queues are on {where}")
+    from worker.rabbitmq import BrokerUnavailable, probe, quorum_offered
+
+    try:
+        version = probe(settings.broker_url, timeout=TIMEOUT)
+    except BrokerUnavailable as exc:
+        return Finding("broker", FAIL, str(exc), fix)
+    text = ".".join(map(str, version))
+    if quorum_offered(version, "paypoll-create"):
+        return Finding("broker", OK, f"RabbitMQ {text} at {where}: durable quorum queues")
+    return Finding(
+        "broker",
+        WARN,
+        f"RabbitMQ {text} at {where}: durable classic queues (quorum queues need 3.8)",
+        "upgrade RabbitMQ to get replicated (quorum) queues",
+    )
 
 
 def run_checks(settings: Settings, *, redis_client: redis.Redis | None = None) -> list[Finding]:
@@ -255,9 +294,21 @@ def run_checks(settings: Settings, *, redis_client: redis.Redis | None = None) -
 
             runtime = Runtime.build(settings, redis_client=client)
             findings += list(check_accounts(settings, runtime.client))
-            findings.append(check_queues(client, settings))
         except (redis.RedisError, PaypollError) as exc:
             findings.append(Finding("redis", FAIL, f"failed during the checks: {exc}", ""))
+    if info is None and not settings.broker_url:
+        broker = Finding("broker", SKIP, "the job queues are on Redis, which does not answer")
+    else:
+        broker = check_broker(settings)
+    findings.append(broker)
+    if info is not None:
+        if broker.status == FAIL:
+            findings.append(Finding("queues", SKIP, "the broker does not answer"))
+        else:
+            try:
+                findings.append(check_queues(client, settings))
+            except (redis.RedisError, PaypollError) as exc:
+                findings.append(Finding("queues", FAIL, f"cannot read the queues: {exc}", ""))
     findings.append(check_metrics_port(settings.metrics_host, settings.metrics_port))
     return findings
 

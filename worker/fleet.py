@@ -215,6 +215,7 @@ class Fleet:
                     accounts=self.settings.accounts,
                     events_cap=self.settings.events_maxlen,
                     webhook_endpoints=sorted(Endpoints.from_settings(self.settings).by_name),
+                    broker_url=self.settings.broker_url,
                 ),
                 AccountLimitsCollector.from_accounts(self.settings.accounts.values()),
             ]

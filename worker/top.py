@@ -14,14 +14,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from worker.collectors import StoreSnapshot, read_store
+from worker.collectors import QueueReader, StoreSnapshot, read_store
 from worker.keys import Keys
 from worker.store.states import ALL_STATES
 
@@ -44,9 +44,15 @@ def read_top_store(
     namespace: str,
     queues: Sequence[str],
     accounts: Iterable[str],
+    queue_reader: QueueReader | None = None,
 ) -> StoreView:
-    """The store's part of `top`: :func:`read_store` plus per-state counts and the latest poll."""
-    snapshot = read_store(client, keys, namespace, queues, accounts=accounts)
+    """The store's part of `top`: :func:`read_store` plus per-state counts and the latest poll;
+    the queues from ``queue_reader`` when they live apart (``PAYPOLL_BROKER_URL``)."""
+    snapshot = read_store(
+        client, keys, namespace, () if queue_reader else queues, accounts=accounts
+    )
+    if queue_reader is not None:
+        snapshot = replace(snapshot, queues=queue_reader(queues))
     names = sorted({account for account, _ in snapshot.steps})
     pipe = client.pipeline(transaction=False)
     for name in names:

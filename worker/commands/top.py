@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     import redis as redis_lib
 
     from worker.actors import QUEUES
+    from worker.collectors import broker_queue_reader
     from worker.connection import connect_redis
     from worker.demo.redis_provider import redact_url
     from worker.terminal import LiveBlock
@@ -129,8 +130,12 @@ def run(args: argparse.Namespace) -> int:
     block = LiveBlock(sys.stdout) if live else None
     where = f"{redact_url(settings.redis_url)} prefix {settings.key_prefix}"
 
+    queue_reader = broker_queue_reader(settings.broker_url, settings.namespace, timeout=3.0)
+
     def read() -> Any:
-        return read_top_store(client, keys, settings.namespace, QUEUES, settings.accounts)
+        return read_top_store(
+            client, keys, settings.namespace, QUEUES, settings.accounts, queue_reader
+        )
 
     history = collections.deque([scrape_fleets(urls)])
     shown = 0
