@@ -21,6 +21,7 @@ This module imports pika: it is imported only when RabbitMQ is configured.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,12 +48,34 @@ NOT_FOUND = 404  # AMQP reply code: a passive declare of a queue that does not e
 PROBE_TIMEOUT = 1.0
 
 
+class _DropReportedErrors(logging.Filter):
+    """pika logs a traceback for every failed connection attempt; the caller reports the error
+    itself (dramatiq's consumer, the sweeper, :class:`BrokerUnavailable`), in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Error in _create_connection")
+
+
+def quiet_pika() -> None:
+    """pika logs each step of every connection at INFO (a dozen lines per connect): keep its
+    warnings and errors only, without the duplicate tracebacks. Idempotent."""
+    logging.getLogger("pika").setLevel(logging.WARNING)
+    blocking = logging.getLogger("pika.adapters.blocking_connection")
+    if not any(isinstance(f, _DropReportedErrors) for f in blocking.filters):
+        blocking.addFilter(_DropReportedErrors())
+
+
 class BrokerUnavailable(PaypollError):
     """RabbitMQ could not be reached or read. The message names the server with its password
     masked, and the reason (refused login, unknown vhost, connection refused)."""
 
     def __init__(self, url: str, cause: BaseException) -> None:
         self.reason = describe_error(cause)
+        # The server refused the login or the vhost: waiting will not change that.
+        self.refused = isinstance(
+            cause,
+            pika.exceptions.ProbableAuthenticationError | pika.exceptions.ProbableAccessDeniedError,
+        )
         super().__init__(f"RabbitMQ at {redact_url(url)}: {self.reason}")
 
 
@@ -93,6 +116,7 @@ class DurableRabbitmqBroker(RabbitmqBroker):
 
     def __init__(self, *, url: str, middleware: list[Middleware]) -> None:
         super().__init__(url=url, middleware=middleware, confirm_delivery=True)
+        quiet_pika()
         self._version: tuple[int, ...] | None = None
         self._classic: set[str] = set()
 
@@ -162,6 +186,7 @@ def _parameters(url: str, timeout: float) -> pika.URLParameters:
 
 
 def _connect(url: str, timeout: float) -> pika.BlockingConnection:
+    quiet_pika()
     try:
         return pika.BlockingConnection(_parameters(url, timeout))
     except (pika.exceptions.AMQPError, OSError) as exc:

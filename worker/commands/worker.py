@@ -8,6 +8,7 @@ import sys
 
 from worker.commands.common import settings_or_exit
 from worker.errors import ConfigError
+from worker.settings import Settings, env_name
 
 HELP = "run the worker fleet on this host (create, track, sweep, serve metrics)"
 DESCRIPTION = (
@@ -44,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     configure_logging(fmt=settings.log_format, level=settings.log_level)
+    refused = _broker_refuses(settings)
+    if refused:
+        print(f"paypoll worker: {refused}", file=sys.stderr)
+        return 2
     fleet = Fleet(
         settings=settings,
         processes=args.processes,
@@ -55,3 +60,22 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"paypoll worker: {exc}", file=sys.stderr)
         return 2
+
+
+def _broker_refuses(settings: Settings) -> str:
+    """Why RabbitMQ refuses this fleet (login, vhost), or "" when it lets it in. A broker
+    that does not answer yet is no reason to refuse: the workers retry (it may be starting
+    with them), as they do with Redis."""
+    if not settings.uses_rabbitmq():
+        return ""
+    import structlog
+
+    from worker.rabbitmq import BrokerUnavailable, probe
+
+    try:
+        probe(settings.broker_url, timeout=5.0)
+    except BrokerUnavailable as exc:
+        if exc.refused:
+            return f"{env_name('broker_url')}: {exc}"
+        structlog.get_logger("paypoll.broker").warning("broker.unreachable", error=str(exc))
+    return ""
