@@ -104,6 +104,21 @@ class RabbitMQ:
             shutil.rmtree(self.base, ignore_errors=True)
 
 
+def _hand_over(base: Path) -> None:
+    """Run as root, rabbitmq-server's wrapper drops to the ``rabbitmq`` user: give it the
+    directory."""
+    if os.geteuid() != 0:
+        return
+    import pwd
+
+    try:
+        owner = pwd.getpwnam("rabbitmq")
+    except KeyError:
+        return
+    for path in [base, *base.rglob("*")]:
+        os.chown(path, owner.pw_uid, owner.pw_gid)
+
+
 def _start_private() -> RabbitMQ:
     """A rabbitmq-server of our own: its node name, ports and directories in a temp dir."""
     base = Path(tempfile.mkdtemp(prefix="pptest-rabbitmq-"))
@@ -122,17 +137,27 @@ def _start_private() -> RabbitMQ:
         RABBITMQ_MNESIA_BASE=str(base / "mnesia"),
         RABBITMQ_LOG_BASE=str(base / "log"),
         RABBITMQ_PID_FILE=str(base / "rabbitmq.pid"),
+        RABBITMQ_FEATURE_FLAGS_FILE=str(base / "feature_flags"),
+        RABBITMQ_QUORUM_DIR=str(base / "quorum"),
+        ERL_CRASH_DUMP=str(base / "erl_crash.dump"),
     )
-    log = (base / "server.out").open("wb")
-    process = subprocess.Popen(
-        ["rabbitmq-server"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    for sub in ("mnesia", "log", "quorum"):
+        (base / sub).mkdir()
+    _hand_over(base)
+    with (base / "server.out").open("wb") as log:
+        process = subprocess.Popen(
+            ["rabbitmq-server"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     server = RabbitMQ(port=port, node=node, env=env, process=process, base=base)
     deadline = time.monotonic() + START_TIMEOUT
     while not _answers(port):
         if process.poll() is not None or time.monotonic() > deadline:
-            server.stop()
             out = (base / "server.out").read_text(errors="replace")[-2000:]
+            server.stop()
             raise RuntimeError(f"rabbitmq-server did not start:\n{out}")
         time.sleep(0.25)
     server.ctl("await_startup")
