@@ -422,3 +422,35 @@ def test_the_cluster_compose_variant_runs_three_masters_and_points_workers_at_th
     broker = rabbit["services"]["worker"]["environment"]["PAYPOLL_BROKER_URL"]
     settings = load_settings({"PAYPOLL_REDIS_URL": url, "PAYPOLL_BROKER_URL": broker})
     assert settings.keys().cluster and settings.broker_url == broker
+
+
+def test_the_rabbitmq_compose_variant_puts_every_worker_on_a_healthy_rabbitmq(
+    compose: dict[str, Any],
+) -> None:
+    data: dict[str, Any] = read_yaml_subset((ROOT / "docker-compose.rabbitmq.yml").read_text())
+    services = data["services"]
+    rabbitmq = services["rabbitmq"]
+    image = rabbitmq["image"]
+    # Quorum queues need 3.8 (3.10 for the dead-letter queue's TTL): a pinned 3.10+ image.
+    assert image.startswith("rabbitmq:") and not image.endswith(":latest")
+    major, minor = (int(n) for n in image.split(":")[1].split("-")[0].split(".")[:2])
+    assert (major, minor) >= (3, 10)
+    assert "rabbitmq-data:/var/lib/rabbitmq" in rabbitmq["volumes"]
+    assert "rabbitmq-data" in data["volumes"]
+    assert "rabbitmq-diagnostics" in rabbitmq["healthcheck"]["test"]
+    worker = services["worker"]
+    assert worker["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+    # Merged over the base file's worker, as compose does: valid settings, RabbitMQ for the jobs.
+    env = {**compose["services"]["worker"]["environment"], **worker["environment"]}
+    settings = load_settings(env)
+    assert settings.uses_rabbitmq()
+    from urllib.parse import urlsplit
+
+    url = urlsplit(settings.broker_url)
+    server = rabbitmq["environment"]
+    assert url.hostname == "rabbitmq" and url.port == 5672
+    assert (url.username, url.password) == (
+        server["RABBITMQ_DEFAULT_USER"],
+        server["RABBITMQ_DEFAULT_PASS"],
+    )
+    assert url.path.lstrip("/") == server["RABBITMQ_DEFAULT_VHOST"]

@@ -383,7 +383,8 @@ class Settings:
 ENV_HELP: dict[str, tuple[Callable[[str], Any], str]] = {
     "redis_url": (
         _parse_redis_url,
-        "Redis for broker, limiter and records (rediss://, passwords, redis+sentinel://)",
+        "Redis for records, limiter and (without PAYPOLL_BROKER_URL) the job queues "
+        "(rediss://, passwords, redis+sentinel://)",
     ),
     "broker_url": (
         _parse_broker_url,
@@ -401,7 +402,10 @@ ENV_HELP: dict[str, tuple[Callable[[str], Any], str]] = {
     "api_url": (_parse_http_url, "Base URL of the Alternative Payments API (or the sandbox)"),
     "payments_path": (_parse_path, "Path of payment requests; the FAQ spells it /payment/request"),
     "key_prefix": (_parse_str, "Prefix of every Redis key paypoll writes"),
-    "namespace": (_parse_str, "dramatiq's queue namespace in Redis"),
+    "namespace": (
+        _parse_str,
+        "dramatiq's queue namespace in Redis (on RabbitMQ, give each deployment its own vhost)",
+    ),
     "connect_timeout": (_parse_positive_float, "Seconds to establish a connection to the API"),
     "read_timeout": (_parse_positive_float, "Seconds to wait for the API's answer; then ambiguous"),
     "token_renew_before": (
