@@ -78,6 +78,18 @@ class RabbitMQ:
         finally:
             self.ctl("delete_vhost", name, check=False)
 
+    @contextlib.contextmanager
+    def user(self, vhost: str, password: str) -> Iterator[str]:
+        """A user of its own with ``password`` and every permission on ``vhost``: its URL.
+        Deleted afterwards."""
+        name = f"pptest-{uuid.uuid4().hex[:8]}"
+        self.ctl("add_user", name, password)
+        try:
+            self.ctl("set_permissions", "-p", vhost, name, ".*", ".*", ".*")
+            yield f"amqp://{name}:{password}@127.0.0.1:{self.port}/{vhost}"
+        finally:
+            self.ctl("delete_user", name, check=False)
+
     def queues(self, vhost: str) -> dict[str, tuple[str, str]]:
         """name -> (durable, type) of every queue of ``vhost``, as rabbitmqctl lists them."""
         done = self.ctl(

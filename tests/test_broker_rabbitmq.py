@@ -9,12 +9,14 @@ are one clear line without the password.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import dramatiq
 import pika
+import pika.exceptions
 import pytest
 import redis
 import requests
@@ -124,6 +126,27 @@ def check_once_each_within_rate(stats: dict[str, object], count: int, unknown: i
     made = [n for refs in creates.values() for n in refs.values()]
     assert all(n == 1 for n in made)
     assert count - unknown <= len(made) <= count
+
+
+def drain(
+    url: str, queue: str, found: dict[str, dict[str, object]]
+) -> dict[str, dict[str, object]]:
+    """Take every message of ``queue`` (dramatiq's JSON): the callbacks by event id."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        while True:
+            try:
+                method, _, body = channel.basic_get(queue, auto_ack=True)
+            except pika.exceptions.ChannelClosedByBroker:
+                return found  # not declared yet
+            if method is None:
+                return found
+            payload = json.loads(body)["args"][0]
+            found[payload["event_id"]] = payload
+    finally:
+        if connection.is_open:
+            connection.close()
 
 
 def no_job_keys_in_redis(redis_url: str, namespace: str) -> bool:
@@ -292,13 +315,25 @@ def test_fleet_on_rabbitmq_makes_each_create_once_and_reaches_every_outcome(
     vhost: str,
     amqp_url: str,
 ) -> None:
-    env = make_env(tmp_path, redis_url, sandbox, key_prefix, amqp_url)
+    env = make_env(
+        tmp_path, redis_url, sandbox, key_prefix, amqp_url, callback_actor="shop:payment_done"
+    )
     producer = Producer.from_settings(load_settings(env))
     submit(producer, 80)
     with running_fleet(env, processes=2, threads=8) as fleet:
         counts = wait_all_final(producer, 80, timeout=120)
         text = requests.get(fleet.metrics_url, timeout=5).text
         assert fleet.process.poll() is None
+        # The callback outbox sends each final state to the user's actor, through RabbitMQ too.
+        callbacks: dict[str, dict[str, object]] = {}
+        wait_until(
+            lambda: len(drain(amqp_url, "shop", callbacks)) >= 80,
+            timeout=30,
+            what="80 callbacks on RabbitMQ",
+        )
+    assert {(c["account"], c["reference_id"]) for c in callbacks.values()} == {
+        (r.account, r.reference_id) for r in producer.list_payments()
+    }
     check_once_each_within_rate(sandbox.stats(), 80)
     assert counts["paid"] > 0 and counts["expired"] + counts["cancelled"] > 0
     for record in producer.list_payments():

@@ -22,6 +22,7 @@ import requests
 
 from tests.chaos_harness import base_env, make_accounts, run_cli, write_accounts
 from tests.fleet_harness import RunningFleet
+from tests.rabbitmq_server import RabbitMQ, rabbitmq_broker
 from tests.redis_server import free_port, redis_server_binary
 from tests.sandbox_fixture import RunningSandbox
 from tests.waiting import wait_until
@@ -269,3 +270,84 @@ def test_wrong_redis_password_is_a_clear_error_without_the_password(tmp_path: Pa
         code, output = run_cli(env, "list", "--counts")
         assert code == 0, output
         assert PASSWORD not in output
+
+
+# --- RabbitMQ with a password (issue 14) ---------------------------------------------------------
+BROKER_PASSWORD = "mq-pw-Vt83qLz0Ww"
+
+
+@pytest.fixture(scope="module")
+def rabbitmq() -> Iterator[RabbitMQ]:
+    with rabbitmq_broker() as (server, why_not):
+        if server is None:
+            pytest.skip(why_not)
+        yield server
+
+
+@needs_redis
+@pytest.mark.timeout(120)
+def test_the_broker_password_stays_out_of_logs_metrics_and_cli_output(
+    tmp_path: Path, redis_url: str, rabbitmq: RabbitMQ
+) -> None:
+    (account,) = make_accounts(1)
+    sandbox = RunningSandbox(
+        client=[f"{account.client_id}:{account.client_secret}"], pay_after="0.2:0.5"
+    )
+    outputs = []
+    with rabbitmq.vhost() as vhost, rabbitmq.user(vhost, BROKER_PASSWORD) as broker_url:
+        env = base_env(
+            {
+                "PAYPOLL_REDIS_URL": redis_url,
+                "PAYPOLL_BROKER_URL": broker_url,
+                "PAYPOLL_KEY_PREFIX": f"pp-mq-{vhost}",
+                "PAYPOLL_API_URL": sandbox.url,
+                "PAYPOLL_ACCOUNTS_FILE": str(write_accounts(tmp_path / "a.toml", [account])),
+                "PAYPOLL_LOG_FORMAT": "json",
+                "PAYPOLL_POLL_FIRST_DELAY": "0.5",
+                "PAYPOLL_SWEEP_INTERVAL": "0.25",
+                "PAYPOLL_METRICS_PORT": str(free_port()),
+            }
+        )
+        fleet = RunningFleet(env, threads=4, log_path=tmp_path / "fleet.log")
+        try:
+            fleet.wait_ready(timeout=60)
+            for i in range(3):
+                code, out = run_cli(
+                    env,
+                    "submit",
+                    "--account", account.name,
+                    "--amount", "10",
+                    "--redirect-url", "https://shop.example/ok",
+                    "--reference-id", f"mq-{i}",
+                )  # fmt: skip
+                assert code == 0, out
+                outputs.append(out)
+
+            def final() -> bool:
+                code, out = run_cli(env, "list", "--json")
+                outputs.append(out)
+                states = {json.loads(line)["state"] for line in out.splitlines() if line}
+                return code == 0 and states <= {"paid", "expired", "cancelled"} and bool(states)
+
+            wait_until(final, timeout=60, interval=0.5, what="3 payments final via RabbitMQ")
+            metrics = requests.get(fleet.metrics_url, timeout=5).text
+            assert 'paypoll_queue_depth{queue="paypoll-track"}' in metrics
+            code, out = run_cli(env, "top", "--once", "--json", "--interval", "0.2")
+            assert code == 0 and "paypoll-track" in json.loads(out)["queues"], out
+            outputs.append(out)
+            for command in (("doctor",), ("doctor", "--json")):
+                outputs.append(run_cli(env, *command)[1])
+            # A wrong password: refused in one line that names the field, the password masked.
+            wrong = {**env, "PAYPOLL_BROKER_URL": broker_url.replace(BROKER_PASSWORD, "bad-Qx9")}
+            code, out = run_cli(wrong, "worker", "--processes", "1")
+            assert code == 2 and "PAYPOLL_BROKER_URL" in out and "login refused" in out, out
+            assert "bad-Qx9" not in out
+            outputs.append(out)
+        finally:
+            fleet.stop(timeout=20)
+            sandbox.stop()
+    texts = {"fleet log": fleet.log(), "CLI output": "\n".join(outputs), "metrics": metrics}
+    assert "***@127.0.0.1" in texts["CLI output"]  # doctor names the broker, password masked
+    for place, text in texts.items():
+        for needle in (BROKER_PASSWORD, account.client_secret):
+            assert needle not in text, f"a secret in the {place}"
