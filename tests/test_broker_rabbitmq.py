@@ -190,6 +190,12 @@ def test_broker_url_picks_the_broker_and_is_required_by_redis_cluster() -> None:
     assert amqp.uses_rabbitmq() and amqp.jobs_url().startswith("amqps://")
     other = load_settings({"PAYPOLL_BROKER_URL": "redis://jobs.example:6379/3"})
     assert not other.uses_rabbitmq() and other.jobs_url() == "redis://jobs.example:6379/3"
+    # The Redis broker then runs there (connecting lazily), not on PAYPOLL_REDIS_URL.
+    jobs = build_broker(other)
+    assert jobs.client.connection_pool.connection_kwargs["host"] == "jobs.example"
+    assert jobs.client.connection_pool.connection_kwargs["db"] == 3
+    rabbit = build_broker(amqp)
+    assert type(rabbit).__name__ == "DurableRabbitmqBroker" and rabbit.confirm_delivery
 
 
 # --- queues -------------------------------------------------------------------------------------

@@ -179,3 +179,33 @@ def test_a_hung_redis_costs_the_scrape_one_timeout(keys: Keys) -> None:
         took = time.monotonic() - started
     assert [(f.name, f.samples[0].value) for f in families] == [("paypoll_redis_up", 0)]
     assert took < 1.0, f"a scrape with Redis hung took {took:.2f}s"
+
+
+def test_queues_on_another_redis_are_read_there(
+    redis_url: str, redis_client: redis.Redis, keys: Keys, namespace: str
+) -> None:
+    """PAYPOLL_BROKER_URL=redis://... (issue 14): the store in one Redis database, the queues
+    in another; the gauges read each where it is."""
+    jobs_url = redis_url.rsplit("/", 1)[0] + "/1"
+    jobs = fill_queues(jobs_url, namespace)
+    try:
+        registry = CollectorRegistry()
+        registry.register(
+            StoreCollector.from_url(
+                redis_url, keys=keys, namespace=namespace, queues=QUEUES, broker_url=jobs_url
+            )
+        )
+        text = generate_latest(registry).decode()
+        assert value(text, "paypoll_broker_up") == 1
+        assert value(text, "paypoll_queue_depth", queue="paypoll-create") == 1
+        assert value(text, "paypoll_queue_messages", queue="paypoll-create") == 2
+        assert value(text, "paypoll_queue_delayed_messages", queue="paypoll-track") == 2
+        # Read from the store's Redis instead, the queues are empty: they are not there.
+        alone = read_store(redis_client, keys, namespace, QUEUES)
+        assert alone.queues["paypoll-create"].ready == 0
+    finally:
+        jobs.close()
+        other = redis.Redis.from_url(jobs_url)
+        for key in other.scan_iter(match=f"{namespace}*"):
+            other.delete(key)
+        other.close()
