@@ -15,7 +15,10 @@ PRECONDITION_FAILED): it is used as it is and ``broker.classic_queue`` is logged
 migrate it.
 
 A worker that dies with messages unacknowledged gets them redelivered by RabbitMQ as soon as its
-connection drops; the sweeper's leases (invariant 4) still cover a message lost any other way.
+connection drops; the sweeper's leases (invariant 4) still cover a message lost any other way,
+including one a quorum queue drops past its delivery limit (RabbitMQ 4 sets 20 by default) or
+a delivery left unacknowledged past the server's ``consumer_timeout`` (30 min; a step takes at
+most its 5-minute TimeLimit).
 This module imports pika: it is imported only when RabbitMQ is configured.
 """
 
