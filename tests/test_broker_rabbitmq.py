@@ -411,3 +411,31 @@ def test_a_refused_broker_login_stops_the_worker_with_one_line(
     broker = [line for line in output.splitlines() if " broker:" in line]
     assert broker and broker[0].startswith("OK") and "RabbitMQ" in broker[0], output
     assert "guest:***@" in broker[0] and "quorum" in broker[0]
+
+
+@pytest.mark.timeout(90)
+def test_a_fleet_started_before_its_broker_runs_and_says_so(
+    tmp_path: Path, redis_url: str, sandbox: RunningSandbox, key_prefix: str
+) -> None:
+    """RabbitMQ not answering yet is no reason to stop (it may be starting with the fleet, as
+    Redis may): the fleet runs, its consumers retry, the exporter says paypoll_broker_up 0,
+    and the log names the broker with its password masked."""
+    url = f"amqp://guest:{PASSWORD}@127.0.0.1:{free_port()}/paypoll"
+    env = make_env(tmp_path, redis_url, sandbox, key_prefix, url)
+    with running_fleet(env, processes=1, threads=2) as fleet:
+        fleet.wait_ready(timeout=30)
+
+        def broker_down() -> str | None:
+            text = requests.get(fleet.metrics_url, timeout=5).text
+            return text if value(text, "paypoll_broker_up") == 0 else None
+
+        text = wait_until(broker_down, timeout=20, what="paypoll_broker_up 0")
+        assert value(text, "paypoll_redis_up") == 1
+        wait_until(
+            lambda: "connection error" in fleet.output(), timeout=20, what="the consumers' retry"
+        )
+        assert fleet.process.poll() is None
+        output = fleet.output()
+    assert '"broker.unreachable"' in output and "guest:***@127.0.0.1" in output
+    assert PASSWORD not in output
+    assert output.count("\n") < 200, "pika's connection chatter is back"

@@ -51,21 +51,12 @@ NOT_FOUND = 404  # AMQP reply code: a passive declare of a queue that does not e
 PROBE_TIMEOUT = 1.0
 
 
-class _DropReportedErrors(logging.Filter):
-    """pika logs a traceback for every failed connection attempt; the caller reports the error
-    itself (dramatiq's consumer, the sweeper, :class:`BrokerUnavailable`), in one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Error in _create_connection")
-
-
 def quiet_pika() -> None:
-    """pika logs each step of every connection at INFO (a dozen lines per connect): keep its
-    warnings and errors only, without the duplicate tracebacks. Idempotent."""
-    logging.getLogger("pika").setLevel(logging.WARNING)
-    blocking = logging.getLogger("pika.adapters.blocking_connection")
-    if not any(isinstance(f, _DropReportedErrors) for f in blocking.filters):
-        blocking.addFilter(_DropReportedErrors())
+    """pika logs each step of every connection, and a failed connect as five errors and a
+    traceback, whoever handles it: dramatiq's consumer logs its own connection errors and
+    retries, the sweeper logs a failed send, :class:`BrokerUnavailable` names the reason. So
+    pika's own logger speaks only of the critical. Idempotent."""
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
 
 
 class BrokerUnavailable(PaypollError):
