@@ -190,6 +190,26 @@ def test_broker_url_picks_the_broker_and_is_required_by_redis_cluster() -> None:
     assert amqp.uses_rabbitmq() and amqp.jobs_url().startswith("amqps://")
     other = load_settings({"PAYPOLL_BROKER_URL": "redis://jobs.example:6379/3"})
     assert not other.uses_rabbitmq() and other.jobs_url() == "redis://jobs.example:6379/3"
+    # Redis Cluster: producers and the CLI need no broker, what runs jobs needs RabbitMQ.
+    cluster = load_settings({"PAYPOLL_REDIS_URL": "redis+cluster://h:7000"})
+    with pytest.raises(ConfigError, match=r"^PAYPOLL_BROKER_URL: required with Redis Cluster"):
+        build_broker(cluster)
+    code, output = run_cli(
+        base_env(
+            {
+                "PAYPOLL_REDIS_URL": "redis+cluster://:pw-Zk2@127.0.0.1:1",
+                "PAYPOLL_CLIENT_ID": "acme",
+                "PAYPOLL_CLIENT_SECRET": "s3cret-acme",
+            }
+        ),
+        "worker",
+    )
+    assert code == 2 and "PAYPOLL_BROKER_URL: required with Redis Cluster" in output, output
+    assert "pw-Zk2" not in output
+    with_rabbitmq = load_settings(
+        {"PAYPOLL_REDIS_URL": "redis+cluster://h:7000", "PAYPOLL_BROKER_URL": "amqp://u:p@h/v"}
+    )
+    assert with_rabbitmq.jobs_broker_problem() == ""
     # The Redis broker then runs there (connecting lazily), not on PAYPOLL_REDIS_URL.
     jobs = build_broker(other)
     assert jobs.client.connection_pool.connection_kwargs["host"] == "jobs.example"

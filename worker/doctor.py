@@ -242,6 +242,9 @@ def check_broker(settings: Settings) -> Finding:
     """The job queues' broker answers: RabbitMQ (login, vhost, version, the queue type
     paypoll declares there) or the Redis of ``PAYPOLL_BROKER_URL``; without one, the jobs are
     on the store's Redis (checked above)."""
+    problem = settings.jobs_broker_problem()
+    if problem:
+        return Finding("broker", FAIL, problem, "set it to the RabbitMQ the fleets use")
     if not settings.broker_url:
         return Finding("broker", OK, f"the job queues are on {redact_url(settings.redis_url)}")
     where = redact_url(settings.broker_url)

@@ -65,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
 def _broker_refuses(settings: Settings) -> str:
     """Why RabbitMQ refuses this fleet (login, vhost), or "" when it lets it in. A broker
     that does not answer yet is no reason to refuse: the workers retry (it may be starting
-    with them), as they do with Redis."""
+    with them), as they do with Redis. On Redis Cluster a broker is required."""
+    if settings.jobs_broker_problem():
+        return settings.jobs_broker_problem()
     if not settings.uses_rabbitmq():
         return ""
     import structlog
