@@ -357,6 +357,9 @@ def test_fleet_on_rabbitmq_makes_each_create_once_and_reaches_every_outcome(
             timeout=30,
             what="80 callbacks on RabbitMQ",
         )
+        # SIGTERM: the workers finish their steps, close their RabbitMQ connections and exit.
+        assert fleet.stop() == 0
+        assert '"worker.kill"' not in fleet.output() and '"worker.stopped"' in fleet.output()
     assert {(c["account"], c["reference_id"]) for c in callbacks.values()} == {
         (r.account, r.reference_id) for r in producer.list_payments()
     }
