@@ -42,10 +42,10 @@ from common import (
     stack,
 )
 from common import write_section as write_docs_section
-from tests.rabbitmq_server import rabbitmq_broker
 from throughput import _totals
 
 from tests.cluster_topology import running_cluster
+from tests.rabbitmq_server import rabbitmq_broker
 
 RATE = 5.0
 
