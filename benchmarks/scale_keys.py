@@ -169,7 +169,7 @@ def render(results: list[dict[str, Any]], what: str, start_machine: str) -> str:
         "Every key always has polls due (the schedule shortened to 0.5-1 s, as in the fleet "
         "throughput benchmark); API calls answered by the sandbox counted over the window. "
         "Redis commands per call: INFO commandstats of every master (the polls, the sweeper, "
-        "heartbeats, the exporter, the relay). RabbitMQ CPU: the server's beam.smp process, "
+        "heartbeats, the exporter, the relay; the commands a Lua script runs count too). RabbitMQ CPU: the server's beam.smp process, "
         "which other vhosts on that server may share.",
         "",
         "| engines | keys | processes x threads | window | API calls/s | of allowed | 429s | "
@@ -194,7 +194,7 @@ def render(results: list[dict[str, Any]], what: str, start_machine: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keys", type=int, default=1000)
-    parser.add_argument("--per-key", type=int, default=2)
+    parser.add_argument("--per-key", type=int, default=10)
     parser.add_argument("--redis", choices=("cluster", "single", "both"), default="both")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=32)
