@@ -132,10 +132,12 @@ def run_processes(
 
 
 def penalize_then_report(redis_url: str, prefix: str, account: str, out: Queue[Any]) -> None:
-    """In another process: penalize ``account`` for 0.8 s, then report Redis TIME at that moment."""
+    """In another process: penalize ``account`` for 0.8 s; report Redis TIME just before (the
+    penalty starts no earlier, so no call may start before that time + 0.8 s; a time read after
+    the penalty could be later than its start by the reply's latency under load)."""
     client = redis.Redis.from_url(redis_url)
-    RateLimiter(redis=client, keys=Keys(prefix), margin=MARGIN).penalize(account, 0.8)
     secs, micros = client.time()
+    RateLimiter(redis=client, keys=Keys(prefix), margin=MARGIN).penalize(account, 0.8)
     out.put(secs + micros / 1e6)
 
 
