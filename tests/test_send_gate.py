@@ -265,3 +265,25 @@ def test_a_call_made_late_after_its_gate_is_stopped_at_the_write(
     routes = strict_sandbox.stats(payments=False)["clients"][CLIENT_ID]["requests"]
     assert routes["GET /payments/request/{id}"] == {"404": 1}  # sent once, when on time
     session.close()
+
+
+def test_environment_proxies_are_read_once_per_host_as_requests_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # issue 14: requests walked os.environ on every send; the ApiSession does it once per host
+    # and finds what requests' own resolve_proxies finds.
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.test:3128")
+    monkeypatch.setenv("NO_PROXY", "direct.test")
+    session = new_session()
+    assert session.trust_env is False  # no per-request environment walk, no ~/.netrc
+    for url in ("http://api.test/x", "http://direct.test/x", "https://api.test/x"):
+        prepared = session.prepare_request(requests.Request("GET", url))
+        expected = requests.utils.resolve_proxies(prepared, {}, True)
+        assert plan_send(session, prepared)[1] == expected
+    proxied = session.prepare_request(requests.Request("GET", "http://api.test/y"))
+    assert not plan_send(session, proxied)[0]
+    direct = session.prepare_request(requests.Request("GET", "http://direct.test/y"))
+    assert plan_send(session, direct)[0]
+    monkeypatch.delenv("HTTP_PROXY")
+    assert not plan_send(session, proxied)[0]  # read once: the session keeps what it found
+    assert plan_send(new_session(), proxied)[0]

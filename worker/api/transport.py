@@ -31,7 +31,7 @@ import requests
 import urllib3.exceptions
 
 from worker import __version__
-from worker.api.send_gate import GatedAdapter
+from worker.api.send_gate import ApiSession, GatedAdapter
 from worker.errors import Ambiguous, NotSent, TransportError
 
 #: Connections kept per host: more than any sane number of worker threads per process.
@@ -45,8 +45,9 @@ _session: tuple[int, requests.Session] | None = None
 
 
 def new_session(*, pool_maxsize: int = POOL_MAXSIZE) -> requests.Session:
-    """A Session with a large pool, no automatic retries and paypoll's User-Agent."""
-    session = requests.Session()
+    """A Session with a large pool, no automatic retries and paypoll's User-Agent, that reads
+    the environment's proxies once per host (``ApiSession``)."""
+    session = ApiSession()
     adapter = GatedAdapter(
         pool_connections=POOL_CONNECTIONS, pool_maxsize=pool_maxsize, max_retries=0
     )
