@@ -10,7 +10,10 @@ from typing import Any
 
 import pytest
 import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from worker import logs
 from worker.logs import (
     MIN_SECRET_LENGTH,
     REDACTED,
@@ -165,3 +168,43 @@ def test_short_values_are_not_registered() -> None:
     short = "a" * (MIN_SECRET_LENGTH - 1)
     register_secret(short)
     assert redact_text(f"banana {short}") == f"banana {short}"
+
+
+# --- the secret filter in front of the regexes (issue 14: 0.2 ms per line with 300 secrets) --
+
+
+@given(
+    secret=st.text(min_size=MIN_SECRET_LENGTH, max_size=40),
+    before=st.text(max_size=60),
+    after=st.text(max_size=60),
+)
+@settings(max_examples=300, deadline=None)
+def test_a_registered_secret_is_found_wherever_it_sits(
+    secret: str, before: str, after: str
+) -> None:
+    # The filter looks at every stride-th position only: whatever the offset, the length of the
+    # secret (the shortest registered sets the stride) and the characters, the secret goes.
+    register_secret(secret)
+    text = before + secret + after
+    index = logs._index
+    assert index is not None
+    unfiltered = index.pattern.sub(REDACTED, text)
+    for regex, replacement in logs._PATTERNS:
+        unfiltered = regex.sub(replacement, unfiltered)
+    assert index.may_hold_one(text)
+    assert redact_text(text) == unfiltered
+
+
+@given(
+    word=st.sampled_from(["Basic", "BEARER", "bearer"]),
+    token=st.from_regex(r"[A-Za-z0-9]{1,20}", fullmatch=True),
+)
+@settings(max_examples=100, deadline=None)
+def test_credential_patterns_pass_the_filter(word: str, token: str) -> None:
+    assert redact_text(f"x {word} {token}") == f"x {word} {REDACTED}"
+    assert redact_text(f"a=1&Client_Secret={token}") == f"a=1&Client_Secret={REDACTED}"
+
+
+def test_non_ascii_text_goes_through_the_patterns() -> None:
+    # U+017F (long s) matches "s" under re.IGNORECASE; lower() would not see "secret" in it.
+    assert redact_text("\u017fecret=hunter22") == f"\u017fecret={REDACTED}"

@@ -30,7 +30,7 @@ from worker.api.send_gate import (
     plan_send,
     send_gate,
 )
-from worker.api.transport import new_session
+from worker.api.transport import new_session, prepare
 from worker.errors import ApiError, NotFound, SlotMissed, SlotTooFar
 from worker.keys import Keys
 from worker.ratelimit import RateLimiter
@@ -265,3 +265,58 @@ def test_a_call_made_late_after_its_gate_is_stopped_at_the_write(
     routes = strict_sandbox.stats(payments=False)["clients"][CLIENT_ID]["requests"]
     assert routes["GET /payments/request/{id}"] == {"404": 1}  # sent once, when on time
     session.close()
+
+
+def test_environment_proxies_are_read_once_per_host_as_requests_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # issue 14: requests walked os.environ on every send; the ApiSession does it once per host
+    # and finds what requests' own resolve_proxies finds.
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.test:3128")
+    monkeypatch.setenv("NO_PROXY", "direct.test")
+    session = new_session()
+    assert session.trust_env is False  # no per-request environment walk, no ~/.netrc
+    for url in ("http://api.test/x", "http://direct.test/x", "https://api.test/x"):
+        prepared = session.prepare_request(requests.Request("GET", url))
+        expected = requests.utils.resolve_proxies(prepared, {}, True)
+        assert plan_send(session, prepared)[1] == expected
+    proxied = session.prepare_request(requests.Request("GET", "http://api.test/y"))
+    assert not plan_send(session, proxied)[0]
+    direct = session.prepare_request(requests.Request("GET", "http://direct.test/y"))
+    assert plan_send(session, direct)[0]
+    monkeypatch.delenv("HTTP_PROXY")
+    assert not plan_send(session, proxied)[0]  # read once: the session keeps what it found
+    assert plan_send(new_session(), proxied)[0]
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "json_body", "form_body"),
+    [
+        ("GET", "http://api.test/payments/request/pr_01ABC-x.y~z", None, None),
+        ("GET", "http://API.Test:8080/payments/request/pr_1", None, None),  # normalised: slow
+        ("GET", "http://api.test/payments/request/..", None, None),  # dots resolved: slow
+        ("GET", "http://api.test/payments/request/a%2Fb", None, None),
+        ("GET", "http://user:pw@api.test/payments/request/pr_1", None, None),  # auth in URL
+        ("POST", "http://api.test/payments/request", {"amount": "10"}, None),
+        ("POST", "http://api.test/oauth/token", None, "grant_type=client_credentials"),
+    ],
+)
+def test_prepare_gives_what_requests_prepares(
+    method: str, url: str, json_body: dict[str, str] | None, form_body: str | None
+) -> None:
+    # issue 14: the client's own preparation of a request skips requests' settings merge;
+    # the PreparedRequest must be the same, header order included.
+    session = new_session()
+    headers = {"Authorization": "Bearer tok-123456", "Accept": "application/json"}
+    ours = prepare(session, method, url, headers=headers, json_body=json_body, form_body=form_body)
+    theirs = session.prepare_request(
+        requests.Request(method, url, headers=dict(headers), json=json_body, data=form_body)
+    )
+    assert (ours.method, ours.url, ours.body, ours.hooks) == (
+        theirs.method,
+        theirs.url,
+        theirs.body,
+        theirs.hooks,
+    )
+    assert list(ours.headers.items()) == list(theirs.headers.items())
+    assert len(ours._cookies) == len(theirs._cookies) == 0  # type: ignore[attr-defined]

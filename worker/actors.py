@@ -9,12 +9,15 @@ reschedule through the store), so dramatiq's Retries middleware never re-runs th
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from uuid import uuid4
 
 import dramatiq
 import structlog
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.common import current_millis
 from dramatiq.middleware import (
     AgeLimit,
     Callbacks,
@@ -84,6 +87,43 @@ class JobContext(Middleware):
     after_skip_message = after_process_message
 
 
+class PaypollBroker(RedisBroker):
+    """dramatiq's Redis broker, plus ``enqueue_many``: the sweeper's messages of one pass in
+    one pipelined round trip instead of one EVALSHA each (issue 14: 0.26 ms of CPU per call
+    went to the sweeper's one-by-one sends)."""
+
+    def enqueue_many(self, messages: Sequence[dramatiq.Message[Any]]) -> None:
+        """Enqueue ``messages`` (no delay) as ``enqueue`` would, pipelined: the same
+        middleware hooks around each, the same dispatch script with the same arguments
+        (dramatiq 2.x's ``RedisBroker.enqueue`` and ``_dispatch``)."""
+        if not messages:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        dispatch = self.scripts["dispatch"]
+        keys = [self.namespace]
+        sent = []
+        for original in messages:
+            message = original.copy(options={"redis_message_id": str(uuid4())})
+            self.emit_before("enqueue", message, None)
+            args = [
+                "enqueue",
+                current_millis(),
+                message.queue_name,
+                self.broker_id,
+                self.heartbeat_timeout,
+                self.dead_message_ttl,
+                self._should_do_maintenance("enqueue"),
+                self._max_unpack_size(),  # type: ignore[no-untyped-call]
+                message.options["redis_message_id"],
+                message.encode(),
+            ]
+            dispatch(keys=keys, args=args, client=pipe)
+            sent.append(message)
+        pipe.execute()
+        for message in sent:
+            self.emit_after("enqueue", message, None)
+
+
 def build_broker(settings: Settings) -> dramatiq.Broker:
     """The broker of the job queues, with the middleware paypoll wants (no dramatiq Prometheus
     exporter: paypoll runs its own): RabbitMQ when ``settings.broker_url`` is amqp(s)://
@@ -112,12 +152,12 @@ def build_broker(settings: Settings) -> dramatiq.Broker:
     url = settings.jobs_url()
     if is_sentinel(url):
         # dramatiq's broker takes a client: the Sentinel one follows the master.
-        return RedisBroker(  # type: ignore[no-untyped-call]
+        return PaypollBroker(  # type: ignore[no-untyped-call]
             client=connect_redis(url),
             namespace=settings.namespace,
             middleware=middleware,
         )
-    return RedisBroker(  # type: ignore[no-untyped-call]
+    return PaypollBroker(  # type: ignore[no-untyped-call]
         url=url, namespace=settings.namespace, middleware=middleware
     )
 
@@ -149,6 +189,21 @@ class Actors:
         """Enqueue ``step`` ('create' or 'track') for one payment."""
         actor = self.create if step == "create" else self.track
         actor.send(account, reference_id)
+
+    def send_many(self, steps: Sequence[tuple[str, str, str]]) -> None:
+        """Enqueue each (step, account, reference_id) of ``steps``, in order, in one round
+        trip when the broker can (a ``PaypollBroker``), else one by one."""
+        broker = self.create.broker
+        if not isinstance(broker, PaypollBroker):
+            for step in steps:
+                self.send(*step)
+            return
+        broker.enqueue_many(
+            [
+                (self.create if step == "create" else self.track).message(account, reference_id)
+                for step, account, reference_id in steps
+            ]
+        )
 
 
 def declare_actors(broker: dramatiq.Broker, settings: Settings) -> Actors:

@@ -104,7 +104,12 @@ def worker_process_main(settings: Settings, threads: int, index: int) -> None:
     actors = declare_actors(broker, settings)
     install_runtime(runtime)
     sweeper = SweeperThread(
-        Sweeper(settings=settings, store=runtime.store, send=actors.send),
+        Sweeper(
+            settings=settings,
+            store=runtime.store,
+            send=actors.send,
+            send_many=actors.send_many,
+        ),
         redis_client=runtime.redis,
         identity=runtime.identity,
     )

@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import redis
@@ -95,11 +95,14 @@ class Sweeper:
         settings: Settings,
         store: PaymentStore,
         send: Callable[[str, str, str], None],
+        send_many: Callable[[Sequence[tuple[str, str, str]]], None] | None = None,
         batch: int = defaults.SWEEP_BATCH,
     ) -> None:
         self.settings = settings
         self.store = store
         self.send = send
+        # A pass's messages in one round trip (Actors.send_many), when given.
+        self.send_many = send_many
         self.batch = batch
         self.planner: PollPlanner | None = None
         if settings.poll_policy in POLICIES_WITH_PLAN:
@@ -168,10 +171,17 @@ class Sweeper:
         # Round-robin over accounts: the queue is FIFO, so sending one account's steps in a row
         # made every free thread wait on that account's next slots while other keys sat idle
         # (benchmarks/throughput.py: 100 keys, 2x32 threads, 299 -> 375 calls/s).
-        for group in itertools.zip_longest(*per_account):
-            for step in group:
-                if step is not None:
-                    self.send(*step)
+        ordered = [
+            step
+            for group in itertools.zip_longest(*per_account)
+            for step in group
+            if step is not None
+        ]
+        if self.send_many is not None:
+            self.send_many(ordered)
+        else:
+            for step in ordered:
+                self.send(*step)
         return result
 
 

@@ -30,6 +30,7 @@ from worker.api.responses import error_for_status, malformed
 from worker.api.send_gate import GateRefused, plan_send, send_gate
 from worker.api.transport import (
     is_connection_aborted,
+    prepare,
     process_session,
     read_body,
     transport_error,
@@ -340,8 +341,8 @@ class ApiClient:
         # is the jitter the limiter's margin must absorb, so nothing avoidable happens there
         # (preparing reads the environment and ~/.netrc, and serialises the body).
         session = self.session
-        prepared = session.prepare_request(
-            requests.Request(method, url, headers=dict(headers), json=json_body, data=form_body)
+        prepared = prepare(
+            session, method, url, headers=headers, json_body=json_body, form_body=form_body
         )
         # SlotTooFar propagates from here: nothing was sent, nothing is recorded as a call.
         try:

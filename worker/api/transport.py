@@ -25,13 +25,18 @@ for a GET the client simply retries once (a GET is idempotent).
 from __future__ import annotations
 
 import os
+import re
 import threading
+from collections.abc import Mapping
 
 import requests
 import urllib3.exceptions
+from requests.cookies import RequestsCookieJar
+from requests.hooks import default_hooks
+from requests.structures import CaseInsensitiveDict
 
 from worker import __version__
-from worker.api.send_gate import GatedAdapter
+from worker.api.send_gate import ApiSession, GatedAdapter
 from worker.errors import Ambiguous, NotSent, TransportError
 
 #: Connections kept per host: more than any sane number of worker threads per process.
@@ -45,8 +50,9 @@ _session: tuple[int, requests.Session] | None = None
 
 
 def new_session(*, pool_maxsize: int = POOL_MAXSIZE) -> requests.Session:
-    """A Session with a large pool, no automatic retries and paypoll's User-Agent."""
-    session = requests.Session()
+    """A Session with a large pool, no automatic retries and paypoll's User-Agent, that reads
+    the environment's proxies once per host (``ApiSession``)."""
+    session = ApiSession()
     adapter = GatedAdapter(
         pool_connections=POOL_CONNECTIONS, pool_maxsize=pool_maxsize, max_retries=0
     )
@@ -59,6 +65,67 @@ def new_session(*, pool_maxsize: int = POOL_MAXSIZE) -> requests.Session:
     if bundle:
         session.verify = bundle
     return session
+
+
+#: A last path segment that URL preparation leaves as it is: unreserved characters, not "." or
+#: ".." (which it would resolve). What quote(id, safe="") gives for the API's payment ids.
+_PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9_.~-]*")
+_normal_prefixes: dict[str, bool] = {}
+
+
+def _url_is_normal(session: requests.Session, url: str) -> bool:
+    """Whether ``Session.prepare_request`` would give ``url`` back unchanged: its last segment
+    is plain and the rest was checked once (a plain segment after a normal prefix stays as it
+    is: preparation only re-encodes, lower-cases the scheme and host, and resolves dots)."""
+    prefix, _, last = url.rpartition("/")
+    if not _PLAIN_SEGMENT.fullmatch(last):
+        return False
+    normal = _normal_prefixes.get(prefix)
+    if normal is None:
+        probe = prefix + "/x"
+        normal = session.prepare_request(requests.Request("GET", probe)).url == probe
+        if len(_normal_prefixes) < 64:
+            _normal_prefixes[prefix] = normal
+    return normal
+
+
+def prepare(
+    session: requests.Session,
+    method: str,
+    url: str,
+    *,
+    headers: Mapping[str, str],
+    json_body: Mapping[str, str] | None = None,
+    form_body: str | None = None,
+) -> requests.PreparedRequest:
+    """``session.prepare_request`` of this request, the same PreparedRequest, about 80 us
+    sooner (issue 14) for a plain ``ApiSession`` (no cookies, auth, params or hooks of its own)
+    and a URL that preparation keeps as it is: requests' general merge of settings spends most
+    of its time in isinstance checks against runtime protocols. Any other case takes
+    requests' own path."""
+    plain = (
+        isinstance(session, ApiSession)
+        and not session.cookies
+        and session.auth is None
+        and not session.params
+        and session.hooks.get("response") == []
+        and _url_is_normal(session, url)
+    )
+    if not plain:
+        return session.prepare_request(
+            requests.Request(method, url, headers=dict(headers), json=json_body, data=form_body)
+        )
+    merged: CaseInsensitiveDict[str | bytes] = CaseInsensitiveDict(session.headers)
+    merged.update(headers)
+    prepared = requests.PreparedRequest()
+    prepared.prepare_method(method)
+    prepared.url = url
+    prepared.prepare_headers(merged)
+    prepared.prepare_cookies(RequestsCookieJar())
+    prepared.prepare_body(form_body, None, json_body)
+    prepared.prepare_auth(None, url)
+    prepared.hooks = default_hooks()
+    return prepared
 
 
 def process_session() -> requests.Session:
