@@ -186,7 +186,7 @@ def test_a_registered_secret_is_found_wherever_it_sits(
     # secret (the shortest registered sets the stride) and the characters, the secret goes.
     register_secret(secret)
     text = before + secret + after
-    index = logs._index
+    index = logs._current_index()
     assert index is not None
     unfiltered = index.pattern.sub(REDACTED, text)
     for regex, replacement in logs._PATTERNS:
@@ -208,3 +208,28 @@ def test_credential_patterns_pass_the_filter(word: str, token: str) -> None:
 def test_non_ascii_text_goes_through_the_patterns() -> None:
     # U+017F (long s) matches "s" under re.IGNORECASE; lower() would not see "secret" in it.
     assert redact_text("\u017fecret=hunter22") == f"\u017fecret={REDACTED}"
+
+
+def test_many_secrets_registered_at_start_build_the_index_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A fleet of 1,000 accounts registers 2,000 secrets before its first log line: building the
+    # alternation regex at each one made start-up quadratic (minutes). It is built once, lazily,
+    # and still redacts every one of them from the first line on.
+    built: list[int] = []
+    real = logs._SecretIndex
+
+    def counting(ordered: list[str]) -> logs._SecretIndex:
+        built.append(len(ordered))
+        return real(ordered)
+
+    monkeypatch.setattr(logs, "_SecretIndex", counting)
+    secrets = [f"bulk-secret-{i:05d}-Zq" for i in range(2000)]
+    for value in secrets:
+        register_secret(value)
+    assert built == []
+    line = " ".join(secrets[::250])
+    assert secrets[0] not in redact_text(line) and redact_text(line).count(REDACTED) == 8
+    assert len(built) == 1 and built[0] >= 2000
+    redact_text(line)
+    assert len(built) == 1
