@@ -108,7 +108,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 assert all(r is True for r in producer.submit_specs(specs[start : start + 1000]))
             fleet = FleetProcess(st, processes=args.processes, threads=args.threads, metrics=True)
             try:
-                pids = fleet.wait_workers(timeout=60)
+                launched = time.monotonic()
+                pids = fleet.wait_workers(timeout=600)
+                startup = time.monotonic() - launched
                 deadline = time.monotonic() + 600
                 while producer.counts()["pending"] < len(specs):
                     if time.monotonic() > deadline:
@@ -156,6 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "redis_ms_per_call": 1000 * (r1 - r0) / max(calls, 1),
         "rabbit_ms_per_call": 1000 * (q1 - q0) / max(calls, 1),
         "jobs": jobs,
+        "startup": startup,
     }
 
 
@@ -188,6 +191,12 @@ def render(results: list[dict[str, Any]], what: str, start_machine: str) -> str:
             + ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["jobs"].items()))
             + " |"
         )
+    lines += [
+        "",
+        "Fleet start (spawned to every worker process started): "
+        + "; ".join(f"{r['engines']} {r['startup']:.0f} s" for r in results)
+        + ".",
+    ]
     return "\n".join(lines)
 
 
