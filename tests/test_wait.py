@@ -20,6 +20,7 @@ from worker.errors import ValidationError, WaitTimeout
 from worker.keys import Keys
 from worker.producer import Producer
 from worker.settings import Account, Secret, Settings, load_settings
+from worker.shards import shard_of
 from worker.store import PaymentStore, State
 
 SECRET = "s3cret-wait"
@@ -148,9 +149,12 @@ def test_a_submit_wakes_the_fleet_and_submit_wait_prints_the_url(
     producer = Producer.from_settings(load_settings(env))
     with running_fleet(env, processes=1, threads=4) as fleet:
         fleet.wait_started(1)
-        # The fleet's first pass takes the sweeper lock; from then on it sleeps 8 s a pass.
+        # The fleet's first pass takes the account's sweeper shard; then it sleeps 8 s a pass.
+        keys = producer.store.keys
+        shards = load_settings(env).sweeper_shards
+        lock = keys.sweeper_shard_lock(shard_of(keys, "acme", shards), shards)
         wait_until(
-            lambda: producer.store.redis.exists(producer.store.keys.sweeper_lock()),
+            lambda: producer.store.redis.exists(lock),
             timeout=30,
             what="a sweeper leading",
         )

@@ -78,6 +78,14 @@ SWEEP_GRACE = 30.0  # seconds a dispatched step may take before it is dispatched
 # the create's sent-mark and the slot's lateness check at the write stop it.
 DEAD_AFTER = 5.0
 HEARTBEAT_EVERY = 1.0  # seconds between two heartbeats of a worker process
+# Sweeper shards (PAYPOLL_SWEEPER_SHARDS): accounts are split by their Redis Cluster hash slot
+# among this many leases, each led by one process. 4: a leader's death stalls a quarter of the
+# keys for the lock's TTL instead of all of them, and a 4-process fleet shares the passes; an
+# unled shard costs one lease GET per check (docs/benchmarks.md, "Sweeper shards"). 1 is the
+# single fleet-wide sweeper of old (the same lock key, so old and new processes exclude each
+# other during a rolling upgrade).
+SWEEPER_SHARDS = 4
+SWEEPER_SHARDS_MAX = 16384  # one shard per Redis Cluster hash slot at most
 SWEEP_BATCH = 500  # due steps dispatched per pass and account
 EVENTS_MAXLEN = 100_000  # approximate length cap of the events stream
 # Milliseconds an idle dramatiq worker waits on its queue before fetching again (dramatiq's

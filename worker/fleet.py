@@ -4,8 +4,8 @@ The parent process prepares the metrics directory, serves ``/metrics`` for the w
 starts N worker processes (``spawn``: fresh interpreters, so prometheus-client's multiprocess
 mode is on in each), restarts any that dies, and on SIGTERM/SIGINT stops them all gracefully.
 Each worker process runs a dramatiq Worker with M threads on paypoll's two queues and a
-SweeperThread (only one sweeper in the whole fleet holds the lock at a time). Workers are
-stateless: any number of fleets on any number of hosts can share one Redis.
+SweeperThread (each sweeper shard's lease is held by one process of the whole fleet at a
+time). Workers are stateless: any number of fleets on any number of hosts can share one Redis.
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ def worker_process_main(settings: Settings, threads: int, index: int) -> None:
         terminal_states=sorted(state.value for state in FINAL),
         actors=(CREATE_ACTOR, TRACK_ACTOR),
     )
+    metrics.prime_sweeper(settings.sweeper_shards)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

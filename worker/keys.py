@@ -168,8 +168,16 @@ class Keys:
         return f"{self.prefix}:webhook:endpoints"
 
     def sweeper_lock(self) -> str:
-        """Held by the one process running a sweep pass."""
+        """Held by the one process running a sweep pass (with one sweeper shard)."""
         return f"{self.prefix}:sweeper:lock"
+
+    def sweeper_shard_lock(self, shard: int, shards: int) -> str:
+        """The lease of sweeper shard ``shard`` of ``shards`` (worker/shards.py), under the
+        shard's own hash tag. With one shard it is :meth:`sweeper_lock`, the lock of the
+        single sweeper of old, so that old and new processes exclude each other."""
+        if shards == 1:
+            return self.sweeper_lock()
+        return f"{self.prefix}:sweeper:{{shard-{shard}}}:lock"
 
     def heartbeat(self) -> str:
         """Sorted set: worker process id -> last heartbeat time."""

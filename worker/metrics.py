@@ -341,3 +341,45 @@ def job_in_progress(actor: str) -> Iterator[None]:
         raise
     finally:
         job_ended(actor, outcome, time.perf_counter() - started)
+
+
+# A sweeper pass of one shard: one pipelined claim per account, plus its plan every second.
+PASS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# liveall: one series per live process and shard (the exporter adds the process's pid), 1 on
+# the process that leads the shard: `paypoll_sweeper_shard_leader == 1` names the leader.
+SWEEPER_SHARD_LEADER = Gauge(
+    "paypoll_sweeper_shard_leader",
+    "1 while this worker process leads the sweeper shard (its lease is held), else 0",
+    ["shard"],
+    multiprocess_mode="liveall",
+)
+SWEEPER_PASS_SECONDS = Histogram(
+    "paypoll_sweeper_pass_seconds",
+    "Duration of one sweeper pass over the accounts of a shard",
+    ["shard"],
+    buckets=PASS_BUCKETS,
+)
+SWEEPER_PASS_ACCOUNTS = Counter(
+    "paypoll_sweeper_pass_accounts_total",
+    "Accounts visited by sweeper passes of a shard (over passes: accounts per pass)",
+    ["shard"],
+)
+
+
+def prime_sweeper(shards: int) -> None:
+    """Every shard's series at 0 from a process's start (see :func:`prime_accounts`)."""
+    for shard in range(shards):
+        SWEEPER_SHARD_LEADER.labels(str(shard)).set(0)
+        SWEEPER_PASS_SECONDS.labels(str(shard))
+        SWEEPER_PASS_ACCOUNTS.labels(str(shard))
+
+
+def record_shard_leader(shard: int, *, leading: bool) -> None:
+    """This process took (``leading``) or lost the lease of sweeper shard ``shard``."""
+    SWEEPER_SHARD_LEADER.labels(str(shard)).set(1 if leading else 0)
+
+
+def record_sweeper_pass(shard: int, *, accounts: int, seconds: float) -> None:
+    """One pass of shard ``shard`` visited ``accounts`` accounts in ``seconds``."""
+    SWEEPER_PASS_SECONDS.labels(str(shard)).observe(seconds)
+    SWEEPER_PASS_ACCOUNTS.labels(str(shard)).inc(accounts)

@@ -113,6 +113,13 @@ def _parse_positive_int(raw: str) -> int:
     return value
 
 
+def _parse_shards(raw: str) -> int:
+    value = _whole(raw)
+    if not 1 <= value <= defaults.SWEEPER_SHARDS_MAX:
+        raise ValueError(f"expected a whole number from 1 to {defaults.SWEEPER_SHARDS_MAX}")
+    return value
+
+
 def _parse_share(raw: str) -> float:
     value = _number(raw)
     if not 0 <= value <= 1:
@@ -309,6 +316,7 @@ class Settings:
     sweep_interval: float = defaults.SWEEP_INTERVAL
     sweep_grace: float = defaults.SWEEP_GRACE
     dead_after: float = defaults.DEAD_AFTER
+    sweeper_shards: int = defaults.SWEEPER_SHARDS
     events_maxlen: int = defaults.EVENTS_MAXLEN
     callback_actor: str = ""
     webhook_url: str = ""
@@ -457,6 +465,10 @@ ENV_HELP: dict[str, tuple[Callable[[str], Any], str]] = {
     "dead_after": (
         _parse_positive_float,
         "Seconds without a heartbeat before a worker's running steps are dispatched again",
+    ),
+    "sweeper_shards": (
+        _parse_shards,
+        "Sweeper leases accounts are split among by hash slot (1: one sweeper for the fleet)",
     ),
     "events_maxlen": (_parse_positive_int, "Approximate cap of the events stream"),
     "callback_actor": (

@@ -8,9 +8,12 @@ dramatiq message per claimed step. The budget keeps the queues short (about what
 rate can serve while a worker may wait for a slot), so polls are dispatched near their due time
 however many payments are in tracking, and no worker holds thousands of delayed messages.
 
-One sweeper runs at a time in the whole fleet: each worker process runs a SweeperThread that
-takes a Redis lock; the holder renews it every pass, and when it dies another takes over within
-the lock's TTL.
+Accounts are split among ``PAYPOLL_SWEEPER_SHARDS`` sweeper shards by hash slot
+(worker/shards.py); each shard has its own Redis lease and one leader at a time. Each worker
+process runs a SweeperThread that leads its fair share of the shards (``ceil(shards / live
+processes)``, plus any shard left free for a second), renews each lease every pass and runs
+that shard's pass; when a leader dies, another takes its shards as soon as their leases lapse
+(the lock's TTL). A producer's wake-up runs a pass of only the shard of the woken account.
 
 On Redis Cluster the sweeper also relays each account's event outbox into the events stream
 (worker/relay.py): the store's scripts cannot write the stream there, it is in another slot.
@@ -35,13 +38,14 @@ from dataclasses import dataclass
 import redis
 import structlog
 
-from worker import defaults
+from worker import defaults, metrics
 from worker.lease import Lease
 from worker.polling.allocation import POLICIES_WITH_PLAN
 from worker.polling.planner import PollPlanner
 from worker.polling.store import PlanStore
 from worker.relay import EventRelay
 from worker.settings import Settings
+from worker.shards import partition, plan_leases, shard_of
 from worker.store import PaymentStore
 from worker.wake import WakeListener
 
@@ -73,6 +77,12 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. (now - tonumber(ARGV[1])),
                   '(' .. (now - tonumber(ARGV[2])))
 """
+# Processes that beat within ARGV[1] seconds (Redis clock): those that may lead shards.
+_LIVE_WORKERS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+return redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[1]), '+inf')
+"""
 
 
 @dataclass
@@ -97,6 +107,7 @@ class Sweeper:
         send: Callable[[str, str, str], None],
         send_many: Callable[[Sequence[tuple[str, str, str]]], None] | None = None,
         batch: int = defaults.SWEEP_BATCH,
+        accounts: Collection[str] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -104,18 +115,33 @@ class Sweeper:
         # A pass's messages in one round trip (Actors.send_many), when given.
         self.send_many = send_many
         self.batch = batch
+        # The accounts it sweeps: its shard's (default: every configured account).
+        self._accounts = list(settings.accounts if accounts is None else accounts)
         self.planner: PollPlanner | None = None
         if settings.poll_policy in POLICIES_WITH_PLAN:
             self.planner = PollPlanner(
-                settings=settings, store=PlanStore(redis=store.redis, keys=store.keys)
+                settings=settings,
+                store=PlanStore(redis=store.redis, keys=store.keys),
+                accounts=self._accounts,
             )
         self._creates_waiting: dict[str, bool] = {}
         self._dead_workers = store.redis.register_script(_DEAD_WORKERS)
         self.relay = EventRelay(store.redis, store.keys, maxlen=store.events_maxlen)
 
     def accounts(self) -> Iterable[str]:
-        """Configured accounts: only these can be served by this fleet's credentials."""
-        return self.settings.accounts.keys()
+        """The accounts it sweeps: configured ones only (this fleet's credentials serve only
+        these), and of them only its shard's."""
+        return self._accounts
+
+    def for_accounts(self, accounts: Collection[str]) -> Sweeper:
+        """A sweeper like this one for ``accounts`` only (one shard), with a planner of its own."""
+        return Sweeper(
+            settings=self.settings,
+            store=self.store,
+            send=self.send,
+            batch=self.batch,
+            accounts=accounts,
+        )
 
     def dead_workers(self) -> list[str]:
         """Worker processes that beat within the last HEARTBEAT_FORGET seconds but not within
@@ -186,8 +212,11 @@ class Sweeper:
 
 
 class SweeperThread(threading.Thread):
-    """Runs a Sweeper every ``interval`` while this process holds the fleet's sweeper lock,
-    and writes this process's heartbeat."""
+    """Leads this process's share of the sweeper shards: every ``interval`` it checks the
+    shards' leases (takes its fair share, gives back what another live process lacks), renews
+    the lease of each shard it leads and runs that shard's pass; it also writes this process's
+    heartbeat. ``sweeper`` sweeps every configured account; each led shard gets a copy of it
+    for its own accounts (with one shard, ``sweeper`` itself)."""
 
     def __init__(
         self, sweeper: Sweeper, *, redis_client: redis.Redis, identity: str | None = None
@@ -196,40 +225,76 @@ class SweeperThread(threading.Thread):
         self.sweeper = sweeper
         self.redis = redis_client
         self.keys = sweeper.store.keys
-        self.interval = sweeper.settings.sweep_interval
+        settings = sweeper.settings
+        self.interval = settings.sweep_interval
+        self.dead_after = settings.dead_after
         self.identity = identity or process_identity()
         self.lock_ttl_ms = int(max(MIN_LOCK_TTL, self.interval * LOCK_TTL_PASSES) * 1000)
         self.stopping = threading.Event()
-        self.lease = Lease(
-            self.redis, self.keys.sweeper_lock(), self.identity, self.lock_ttl_ms / 1000
-        )
-        self.holding = False
-        # A producer's submit wakes the pass at once (worker/wake.py): an idle key's create
-        # leaves within a pass, not an interval, of the submit.
+        self.shards = settings.sweeper_shards
+        self.split = partition(self.keys, sweeper.accounts(), self.shards)
+        self.leases = {
+            shard: Lease(
+                self.redis,
+                self.keys.sweeper_shard_lock(shard, self.shards),
+                self.identity,
+                self.lock_ttl_ms / 1000,
+            )
+            for shard in range(self.shards)
+        }
+        self.led: dict[int, Sweeper] = {}  # shard -> its sweeper, while this process leads it
+        self._led_now: frozenset[int] = frozenset()  # read by the wake listener's thread
+        self._free_since: dict[int, float] = {}  # shard -> when this process first saw it free
+        self._live = redis_client.register_script(_LIVE_WORKERS)
+        # A producer's submit wakes the pass of the account's shard at once (worker/wake.py):
+        # an idle key's create leaves within a pass, not an interval, of the submit. Only the
+        # process leading that shard wakes.
         self.woken = threading.Event()
-        self.wake_listener = WakeListener(self.redis, self.keys.wake(), self.woken)
+        self.wake_listener = WakeListener(
+            self.redis, self.keys.wake(), self.woken, accept=self._leads_account
+        )
+
+    @property
+    def holding(self) -> bool:
+        """True while this process leads at least one shard."""
+        return bool(self._led_now)
+
+    def shard_of(self, account: str) -> int:
+        """The shard ``account`` belongs to."""
+        return shard_of(self.keys, account, self.shards)
+
+    def _leads_account(self, account: str) -> bool:
+        return self.shard_of(account) in self._led_now
 
     def start(self) -> None:
         self.wake_listener.start()
         super().start()
 
     def stop(self) -> None:
-        """Ask the thread to finish its pass and give up the lock."""
+        """Ask the thread to finish its pass and give up its leases."""
         self.stopping.set()
         self.woken.set()
         self.wake_listener.stop()
 
     def run(self) -> None:
         last_beat = 0.0
+        last_check = -math.inf
         while not self.stopping.is_set():
             started = time.monotonic()
             try:
                 if started - last_beat >= HEARTBEAT_EVERY:
                     self._heartbeat()
                     last_beat = started
-                self.holding = self.lease.hold()
-                if self.holding:
-                    self.sweeper.run_pass(self.wake_listener.take_accounts())
+                woken = self.wake_listener.take_accounts()
+                if started - last_check >= self.interval * 0.99:
+                    last_check = started
+                    self.check_leases()
+                    shards = sorted(self.led)
+                else:
+                    # Woken between two passes: only the shards of the woken accounts.
+                    shards = sorted({self.shard_of(a) for a in woken} & self.led.keys())
+                for shard in shards:
+                    self._pass(shard, woken)
             except redis.RedisError as exc:
                 # Redis restarting or unreachable: keep trying; the schedule lives in Redis.
                 log.warning("sweeper.redis_unavailable", error=str(exc))
@@ -237,16 +302,77 @@ class SweeperThread(threading.Thread):
             except Exception:
                 log.exception("sweeper.pass_failed")
                 self.stopping.wait(1.0)
-            self._pause(started)
+            self._pause(started, last_check)
         try:
-            self.lease.release()
+            for shard in list(self.led):
+                self.leases[shard].release()
+                self._drop(shard, "sweeper.shard_released")
             self.redis.zrem(self.keys.heartbeat(), self.identity)
         except redis.RedisError:
             pass
 
-    def _pause(self, started: float) -> None:
+    def check_leases(self) -> None:
+        """Read every shard's holder and the live processes (one round trip), then take and
+        give back shards as :func:`worker.shards.plan_leases` says."""
+        pipe = self.redis.pipeline(transaction=False)
+        self._live(keys=[self.keys.heartbeat()], args=[self.dead_after], client=pipe)
+        for lease in self.leases.values():
+            pipe.get(lease.key)
+        live_raw, *raw = pipe.execute()
+        holders = {shard: _text_or_none(h) for shard, h in zip(self.leases, raw, strict=True)}
+        now = time.monotonic()
+        for shard, holder in holders.items():
+            if holder is None:
+                self._free_since.setdefault(shard, now)
+            else:
+                self._free_since.pop(shard, None)
+            if shard in self.led and holder != self.identity:
+                # Another process took it (this one stalled past the TTL): stop sweeping it.
+                self._drop(shard, "sweeper.shard_lost")
+        plan = plan_leases(
+            identity=self.identity,
+            shards=self.shards,
+            holders=holders,
+            live=[_text_or_none(m) or "" for m in live_raw],
+            free_for={s: now - t for s, t in self._free_since.items()},
+        )
+        for shard in plan.release:
+            self.leases[shard].release()
+            self._drop(shard, "sweeper.shard_released")
+        ours = [s for s, h in holders.items() if h == self.identity and s not in self.led]
+        for shard in [*ours, *plan.take]:
+            if self.leases[shard].hold():
+                self._lead(shard)
+
+    def _lead(self, shard: int) -> None:
+        accounts = self.split[shard]
+        self.led[shard] = self.sweeper if self.shards == 1 else self.sweeper.for_accounts(accounts)
+        self._led_now = frozenset(self.led)
+        self._free_since.pop(shard, None)
+        metrics.record_shard_leader(shard, leading=True)
+        log.info("sweeper.shard_taken", shard=shard, shards=self.shards, accounts=len(accounts))
+
+    def _drop(self, shard: int, event: str) -> None:
+        self.led.pop(shard, None)
+        self._led_now = frozenset(self.led)
+        metrics.record_shard_leader(shard, leading=False)
+        log.info(event, shard=shard, shards=self.shards)
+
+    def _pass(self, shard: int, woken: Collection[str]) -> None:
+        """Renew the shard's lease and, still its leader, run its pass."""
+        if not self.leases[shard].hold():
+            self._drop(shard, "sweeper.shard_lost")
+            return
+        sweeper = self.led[shard]
+        began = time.perf_counter()
+        sweeper.run_pass([a for a in woken if self.shard_of(a) == shard])
+        metrics.record_sweeper_pass(
+            shard, accounts=len(self.split[shard]), seconds=time.perf_counter() - began
+        )
+
+    def _pause(self, started: float, last_check: float) -> None:
         """Wait out the rest of the interval, or less when a producer wakes the sweeper."""
-        if self.woken.wait(max(0.0, self.interval - (time.monotonic() - started))):
+        if self.woken.wait(max(0.0, self.interval - (time.monotonic() - last_check))):
             # Woken: still no more than one pass per WOKEN_MIN_GAP, so a producer submitting
             # one payment at a time, fast, cannot turn the sweeper into a busy loop.
             self.stopping.wait(max(0.0, WOKEN_MIN_GAP - (time.monotonic() - started)))
@@ -263,3 +389,9 @@ class SweeperThread(threading.Thread):
         pipe.zadd(self.keys.heartbeat(), {self.identity: now})
         pipe.zremrangebyscore(self.keys.heartbeat(), "-inf", now - HEARTBEAT_FORGET)
         pipe.execute()
+
+
+def _text_or_none(value: object) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)

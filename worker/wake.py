@@ -9,6 +9,7 @@ lost to a reconnect costs one sweep interval, never a payment (the work is in Re
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import redis
 import structlog
@@ -20,13 +21,22 @@ LISTEN_TIMEOUT = 1.0  # seconds a read may block, so stop() is seen promptly
 
 
 class WakeListener(threading.Thread):
-    """Sets ``event`` whenever a producer publishes on ``channel``, until ``stop()``."""
+    """Sets ``event`` whenever a producer publishes on ``channel`` an account that ``accept``
+    takes (default: every one; the sweeper: those of the shards it leads), until ``stop()``."""
 
-    def __init__(self, redis_client: redis.Redis, channel: str, event: threading.Event) -> None:
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        channel: str,
+        event: threading.Event,
+        *,
+        accept: Callable[[str], bool] = lambda account: True,
+    ) -> None:
         super().__init__(name="paypoll-wake", daemon=True)
         self.redis = redis_client
         self.channel = channel
         self.event = event
+        self.accept = accept
         self.stopping = threading.Event()
         self.subscribed = threading.Event()  # set while a subscription is live (for tests)
         self._accounts: set[str] = set()
@@ -54,6 +64,8 @@ class WakeListener(threading.Thread):
                         data = message.get("data")
                         if isinstance(data, bytes | str):
                             account = data.decode() if isinstance(data, bytes) else data
+                            if not self.accept(account):
+                                continue  # another shard's: its leader wakes for it
                             with self._accounts_lock:
                                 self._accounts.add(account)
                         self.event.set()

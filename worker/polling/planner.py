@@ -42,7 +42,8 @@ class _KeyState:
 
 
 class PollPlanner:
-    """Plans and paces the polls of every configured key (run by the sweeper leader)."""
+    """Plans and paces the polls of ``accounts`` (default: every configured key), run by the
+    leader of their sweeper shard."""
 
     def __init__(
         self,
@@ -51,8 +52,11 @@ class PollPlanner:
         store: PlanStore,
         refresh: float = defaults.PLAN_REFRESH,
         clock: Callable[[], float] = time.monotonic,
+        accounts: Collection[str] | None = None,
     ) -> None:
         self.settings = settings
+        # The keys this planner plans: its sweeper shard's (default: every configured key).
+        self.accounts = list(settings.accounts if accounts is None else accounts)
         self.store = store
         self.refresh = refresh
         self.clock = clock
@@ -88,7 +92,7 @@ class PollPlanner:
         if self._last_plan is None or now - self._last_plan >= self.refresh:
             self._plan(now)
         quotas = {}
-        for account in s.accounts:
+        for account in self.accounts:
             state = self._state(account)
             state.budget = poll_budget(
                 rate=s.accounts[account].rate,
@@ -134,14 +138,14 @@ class PollPlanner:
         s = self.settings
         interval = None if self._last_plan is None else now - self._last_plan
         self._last_plan = now
-        for account in s.accounts:
+        for account in self.accounts:
             state = self._state(account)
             if not state.indexed:
                 # Once per key and process: payments pending from before the age index
                 # existed would be invisible to the plan.
                 self.store.backfill_ages(account)
                 state.indexed = True
-        inputs = self.store.read_inputs(s.accounts)
+        inputs = self.store.read_inputs(self.accounts)
         plans = {}
         for account, got in inputs.items():
             state = self._state(account)
