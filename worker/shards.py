@@ -10,10 +10,11 @@ shard's passes (worker/sweeper.py).
 Which shards a process tries to lead is decided by :func:`plan_leases`, a pure function of what
 the process sees in Redis: the holder of every shard's lease and the live processes (heartbeats
 within ``dead_after``). A process takes free shards up to its fair share, ``ceil(shards /
-live)``; one above its share gives one shard back per check while another live process is below
-its share (so a fleet that grows spreads its shards), and any shard free for longer than a
-grace is taken by whoever sees it (so a shard whose leader died is led again as soon as its
-lease lapses, even while the dead process still counts as live).
+live)``; one that holds two more than another live process gives one back per check, which the
+other takes (so a fleet that grows spreads its shards: each process ends with the floor or the
+ceiling of shards / live); and any shard free for longer than a grace is taken by whoever sees
+it (so a shard whose leader died is led again as soon as its lease lapses, even while the dead
+process still counts as live).
 """
 
 from __future__ import annotations
@@ -83,11 +84,12 @@ def plan_leases(
         if len(mine) + len(take) < fair or free_for.get(shard, 0.0) >= grace:
             take.append(shard)
     release: tuple[int, ...] = ()
-    if not free and len(mine) > fair:
-        counts = {p: 0 for p in alive}
-        for holder in holders.values():
-            if holder is not None and holder in counts:
-                counts[holder] += 1
-        if any(n < fair for p, n in counts.items() if p != identity):
-            release = (mine[-1],)  # the least preferred: one per check, so others catch up
+    others = {p: 0 for p in alive if p != identity}
+    for holder in holders.values():
+        if holder in others:
+            others[holder] += 1
+    if not free and others and len(mine) >= min(others.values()) + 2:
+        # Two more than the least loaded live process: give one back (the least preferred;
+        # one per check), which that process, below its fair share, takes at its next check.
+        release = (mine[-1],)
     return LeasePlan(take=tuple(take), release=release, fair_share=fair)

@@ -339,7 +339,11 @@ class SweeperThread(threading.Thread):
         for shard in plan.release:
             self.leases[shard].release()
             self._drop(shard, "sweeper.shard_released")
-        ours = [s for s, h in holders.items() if h == self.identity and s not in self.led]
+        ours = [
+            s
+            for s, h in holders.items()
+            if h == self.identity and s not in self.led and s not in plan.release
+        ]
         for shard in [*ours, *plan.take]:
             if self.leases[shard].hold():
                 self._lead(shard)
