@@ -59,6 +59,8 @@ def _workload(redis_url: str, prefix: str, stop: Any, started: Any) -> None:
     metrics.prime_accounts(["acme", "globex"], STATES)
     metrics.prime_outbox(["paypoll-callbacks"], ["paid"])
     metrics.prime_webhooks(["global"])
+    metrics.prime_sweeper(2)
+    metrics.record_shard_leader(0, leading=True)
     i = 0
     while not stop.is_set():
         seconds, micros = client.time()
@@ -71,6 +73,7 @@ def _workload(redis_url: str, prefix: str, stop: Any, started: Any) -> None:
             metrics.record_transition("acme", "paid")
             metrics.record_terminal("acme", "paid", 30.0 + i % 60, 3 + i % 5)
             metrics.record_detection_bound("acme", 0.5 + i % 5)
+            metrics.record_sweeper_pass(0, accounts=2, seconds=0.002 + 0.001 * (i % 3))
             metrics.CALLBACKS_SENT.labels("paid").inc()
             metrics.WEBHOOK_DELIVERIES.labels("global", "2xx").inc()
             metrics.WEBHOOK_LAG_SECONDS.labels("global").observe(0.02 + 0.01 * (i % 7))
