@@ -312,13 +312,14 @@ class SweeperThread(threading.Thread):
             pass
 
     def check_leases(self) -> None:
-        """Read every shard's holder and the live processes (one round trip), then take and
+        """Read the live processes and every shard's holder (two round trips: redis-py runs no
+        script in a cluster pipeline, and the lease keys are in a slot each), then take and
         give back shards as :func:`worker.shards.plan_leases` says."""
+        live_raw = self._live(keys=[self.keys.heartbeat()], args=[self.dead_after])
         pipe = self.redis.pipeline(transaction=False)
-        self._live(keys=[self.keys.heartbeat()], args=[self.dead_after], client=pipe)
         for lease in self.leases.values():
             pipe.get(lease.key)
-        live_raw, *raw = pipe.execute()
+        raw = pipe.execute()
         holders = {shard: _text_or_none(h) for shard, h in zip(self.leases, raw, strict=True)}
         now = time.monotonic()
         for shard, holder in holders.items():
