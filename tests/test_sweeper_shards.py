@@ -8,8 +8,9 @@ import os
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -201,6 +202,86 @@ def test_a_stopped_leaders_shards_are_taken_after_the_grace_by_a_process_at_its_
         took = time.monotonic() - stopped
     # p2 released its leases when it stopped: p1 takes them after FREE_GRACE at most.
     assert took < FREE_GRACE + 1.0, took
+
+
+class _Recording(SweeperThread):
+    """A SweeperThread that records its passes: (identity, shard, after a lease check?)."""
+
+    passes: list[tuple[str, int, bool]]
+    checked = False
+
+    def check_leases(self) -> None:
+        self.checked = True
+        super().check_leases()
+
+    def _pass(self, shard: int, woken: Collection[str]) -> None:
+        self.passes.append((self.identity, shard, self.checked))
+        super()._pass(shard, woken)
+
+    def _pause(self, started: float, last_check: float) -> None:
+        self.checked = False
+        super()._pause(started, last_check)
+
+
+def test_a_wake_runs_only_the_pass_of_the_woken_accounts_shard_on_its_leader(
+    redis_url: str, key_prefix: str, redis_client: redis.Redis
+) -> None:
+    shards = 4
+    # Passes every 3 s: a create sent within a second of its submit was woken.
+    settings = replace(_settings(redis_url, key_prefix, shards), sweep_interval=3.0)
+    keys = Keys(key_prefix)
+    store = PaymentStore(redis=redis_client, keys=keys, events_maxlen=settings.events_maxlen)
+    producer = Producer(settings=settings, store=store)
+    sent: list[tuple[str, str]] = []
+    passes: list[tuple[str, int, bool]] = []
+    threads = []
+    for name in ("p1", "p2"):
+
+        def send(step: str, account: str, ref: str, name: str = name) -> None:
+            sent.append((name, account))
+
+        thread = _Recording(
+            Sweeper(settings=settings, store=store, send=send),
+            redis_client=redis_client,
+            identity=name,
+        )
+        thread.passes = passes
+        threads.append(thread)
+        thread.beat()
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(
+            lambda: (
+                sorted(map(str, _holders(redis_client, keys, shards).values()))
+                == ["p1", "p1", "p2", "p2"]
+            ),
+            timeout=40,
+            what="2 shards each",
+        )
+        wait_until(
+            lambda: all(t.wake_listener.subscribed.is_set() for t in threads),
+            timeout=10,
+            what="wake listeners subscribed",
+        )
+        held = _holders(redis_client, keys, shards)
+        account = ACCOUNTS[0]
+        shard = shard_of(keys, account, shards)
+        passes.clear()
+        submitted = time.monotonic()
+        producer.submit_payment(
+            account=account, amount="5", redirect_url="https://shop.test/ok", reference_id="w1"
+        )
+        wait_until(lambda: (held[shard], account) in sent, timeout=5, what="the woken create")
+        assert time.monotonic() - submitted < 1.5  # woken, not found by a 3 s pass
+        woken = [(who, s) for who, s, after_check in passes if not after_check]
+        assert woken and set(woken) == {(held[shard], shard)}, passes
+    finally:
+        for thread in threads:
+            thread.stop()
+        for thread in threads:
+            thread.join(timeout=10)
+            thread.wake_listener.join(timeout=10)
 
 
 # --- real fleets ----------------------------------------------------------------------------------
