@@ -45,6 +45,25 @@ def test_an_accounts_shard_is_its_hash_slots_range() -> None:
     assert partition(Keys("other"), ACCOUNTS, 4) == split  # the prefix is outside the tag
 
 
+def test_a_shards_sweeper_keeps_the_senders_and_sweeps_only_its_accounts(
+    redis_url: str, key_prefix: str, redis_client: redis.Redis
+) -> None:
+    settings = _settings(redis_url, key_prefix, 4)
+    store = PaymentStore(
+        redis=redis_client, keys=Keys(key_prefix), events_maxlen=settings.events_maxlen
+    )
+
+    def send(step: str, account: str, ref: str) -> None: ...
+
+    def send_many(steps: object) -> None: ...
+
+    whole = Sweeper(settings=settings, store=store, send=send, send_many=send_many)
+    shard = whole.for_accounts(ACCOUNTS[:3])
+    assert (shard.send, shard.send_many, shard.batch) == (send, send_many, whole.batch)
+    assert list(shard.accounts()) == ACCOUNTS[:3]
+    assert shard.planner is not None and shard.planner.accounts == ACCOUNTS[:3]
+
+
 def test_shard_lock_keys_are_hash_tagged_per_shard_and_one_shard_keeps_the_old_lock() -> None:
     keys = Keys("pp")
     assert keys.sweeper_shard_lock(3, 8) == "pp:sweeper:{shard-3}:lock"

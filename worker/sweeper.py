@@ -139,6 +139,7 @@ class Sweeper:
             settings=self.settings,
             store=self.store,
             send=self.send,
+            send_many=self.send_many,
             batch=self.batch,
             accounts=accounts,
         )
