@@ -204,12 +204,12 @@ class FleetProcess(fleet_harness.RunningFleet):
             raise RuntimeError(str(exc)) from None
 
 
-def scrape(url: str) -> dict[str, float]:
+def scrape(url: str, timeout: float = 10.0) -> dict[str, float]:
     """Prometheus text from ``url``, summed per metric name and ``outcome`` label:
     ``{"paypoll_jobs_total{outcome=far_slot}": 12.0, "paypoll_jobs_total": 40.0, ...}``."""
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (http URL we built)
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (http URL we built)
         text = response.read().decode()
     sums: dict[str, float] = {}
     for line in text.splitlines():
