@@ -22,6 +22,8 @@ API calls answered by the sandbox are counted for ``--duration`` seconds, with:
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import contextlib
 import subprocess
 import sys
@@ -143,7 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         # Measure anyway, and say which creates did not finish and where they
                         # stand (the store's record and schedule).
                         stuck = stuck_creates(producer)
-                        print("STUCK", stuck, flush=True)
+                        print("STUCK", len(stuck), stuck[:3], flush=True)
                         break
                     time.sleep(1)
                 else:
@@ -235,8 +237,16 @@ def render(results: list[dict[str, Any]], what: str, start_machine: str) -> str:
         + "; ".join(f"{r['engines']} {r['scrape']:.1f} s" for r in results)
         + " (Prometheus's default scrape timeout is 10 s).",
         *(
-            f"Creates not finished when the window began ({r['engines']}): {len(r['stuck'])}: "
-            + "; ".join(str(x) for x in r["stuck"][:5])
+            f"Creates not finished 300 s after the fleet started ({r['engines']}; the window was "
+            f"measured anyway): {len(r['stuck'])}, by state and last error: "
+            + "; ".join(
+                f"{n} {state}, {error or 'no error'}"
+                for (state, error), n in collections.Counter(
+                    (x["state"], (x["last_error"] or "").split(";")[0]) for x in r["stuck"]
+                ).most_common(3)
+            )
+            + f"; {sum(1 for x in r['stuck'] if x['due_create'] is not None)} of them due, "
+            f"{sum(1 for x in r['stuck'] if x['inflight_create'] is not None)} in flight."
             for r in results
             if r["stuck"]
         ),
@@ -253,15 +263,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=32)
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument(
+        "--include", help="a JSON file of an earlier run's results (--save) to show first"
+    )
+    parser.add_argument("--save", help="write this run's results to this JSON file")
     args = parser.parse_args()
     start_machine = machine()
     kinds = ["cluster", "single"] if args.redis == "both" else [args.redis]
-    results = []
+    results = json.loads(Path(args.include).read_text()) if args.include else []
     for kind in kinds:
         args.redis = kind
         result = run(args)
         print(result, flush=True)
         results.append(result)
+    if args.save:
+        Path(args.save).write_text(json.dumps(results))
     text = render(results, "benchmarks/scale_keys.py " + " ".join(sys.argv[1:]), start_machine)
     print(text)
     if args.write_docs:
