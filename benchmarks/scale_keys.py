@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import contextlib
+import json
 import subprocess
 import sys
 import time
