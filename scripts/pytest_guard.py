@@ -61,19 +61,31 @@ def reap() -> None:
             return
 
 
-def kill_leftovers(rounds: int = 20) -> int:
+def describe(pid: int) -> str:
+    """The process's command line, shortened (its pid when /proc cannot tell)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return str(pid)
+    line = raw.replace(b"\0", b" ").decode(errors="replace").strip() or str(pid)
+    return line[:120]
+
+
+def kill_leftovers(rounds: int = 20) -> list[str]:
     """SIGKILL every process left under this one (a killed process's own children are
-    reparented here and go in a later round); return how many were killed."""
-    killed = 0
+    reparented here and go in a later round); the command lines of those killed, so that the
+    test that leaked them can be found."""
+    killed: list[str] = []
     for _ in range(rounds):
         reap()
         left = children(os.getpid())
         if not left:
             break
         for pid in left:
+            what = describe(pid)
             try:
                 os.kill(pid, signal.SIGKILL)
-                killed += 1
+                killed.append(what)
             except ProcessLookupError:
                 pass
         time.sleep(0.1)
@@ -111,7 +123,11 @@ def main() -> int:
     if adopting:
         left = kill_leftovers()
         if left:
-            print(f"scripts/test: killed {left} process(es) the tests left behind", file=sys.stderr)
+            print(
+                f"scripts/test: killed {len(left)} process(es) the tests left behind: "
+                + "; ".join(left),
+                file=sys.stderr,
+            )
     return code
 
 
