@@ -71,6 +71,8 @@ def stuck_creates(producer: Any) -> list[dict[str, Any]]:
     for record in [r for s in ("queued", "creating") for r in producer.list_payments(state=s)]:
         raw = store.redis.hgetall(keys.payment(record.account, record.reference_id))
         fields = {k.decode(): v.decode() for k, v in raw.items()}
+        if fields.get("state") not in ("queued", "creating"):
+            continue  # created between the state set's read and the record's
         out.append(
             {
                 **{k: fields.get(k) for k in ("state", "phase", "attempts", "last_error")},
