@@ -11,6 +11,7 @@ from collections.abc import Generator, Iterator
 import pytest
 import redis
 
+from tests.rabbitmq_server import RabbitMQ, rabbitmq_broker
 from tests.redis_server import HOW_TO_GET_REDIS, RedisServer, redis_binary, redis_server_binary
 from worker.keys import Keys
 
@@ -106,3 +107,13 @@ def redis_client(redis_url: str, key_prefix: str) -> Iterator[redis.Redis]:
     for key in client.scan_iter(match=f"{key_prefix}*", count=1000):
         client.delete(key)
     client.close()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Iterator[RabbitMQ]:
+    """A RabbitMQ for the whole run (the local one, else one private server; skipped with the
+    reason when neither can be had). Tests take a vhost of their own from it."""
+    with rabbitmq_broker() as (server, why_not):
+        if server is None:
+            pytest.skip(why_not)
+        yield server

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from tests.chaos_harness import base_env, run_cli
 from tests.fleet_harness import paypoll_env, running_fleet, wait_started, write_accounts
 from tests.prometheus_server import value
-from tests.rabbitmq_server import RabbitMQ, rabbitmq_broker
+from tests.rabbitmq_server import RabbitMQ
 from tests.redis_server import free_port
 from tests.sandbox_fixture import RunningSandbox, running_sandbox
 from tests.waiting import wait_until
@@ -40,14 +40,6 @@ from worker.store import FINAL
 CLIENTS = {"acme": "s3cret-acme", "globex": "s3cret-globex"}
 RATE = 10  # per key, for the sandbox and the accounts alike
 PASSWORD = "amqp-pw-Hq27xLm"  # a password that must never be echoed
-
-
-@pytest.fixture(scope="session")
-def rabbitmq() -> Iterator[RabbitMQ]:
-    with rabbitmq_broker() as (server, why_not):
-        if server is None:
-            pytest.skip(why_not)
-        yield server
 
 
 @pytest.fixture

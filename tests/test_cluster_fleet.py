@@ -12,7 +12,7 @@ import pytest
 
 from tests.cluster_topology import ClusterTopology, running_cluster
 from tests.fleet_harness import paypoll_env, running_fleet, write_accounts
-from tests.rabbitmq_server import RabbitMQ, rabbitmq_broker
+from tests.rabbitmq_server import RabbitMQ
 from tests.sandbox_fixture import running_sandbox
 from tests.waiting import wait_until
 from worker.connection import connect_redis
@@ -23,14 +23,6 @@ from worker.store import FINAL
 CLIENTS = {"north": "north-secret-Cl1", "south": "south-secret-Cl2", "east": "east-secret-Cl3"}
 RATE = 5
 PAYMENTS = 90
-
-
-@pytest.fixture(scope="module")
-def rabbitmq() -> Iterator[RabbitMQ]:
-    with rabbitmq_broker() as (server, why_not):
-        if server is None:
-            pytest.skip(why_not)
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import requests
 
 from tests.chaos_harness import base_env, make_accounts, run_cli, write_accounts
 from tests.fleet_harness import RunningFleet
-from tests.rabbitmq_server import RabbitMQ, rabbitmq_broker
+from tests.rabbitmq_server import RabbitMQ
 from tests.redis_server import free_port, redis_server_binary
 from tests.sandbox_fixture import RunningSandbox
 from tests.waiting import wait_until
@@ -274,14 +274,6 @@ def test_wrong_redis_password_is_a_clear_error_without_the_password(tmp_path: Pa
 
 # --- RabbitMQ with a password (issue 14) ---------------------------------------------------------
 BROKER_PASSWORD = "mq-pw-Vt83qLz0Ww"
-
-
-@pytest.fixture(scope="module")
-def rabbitmq() -> Iterator[RabbitMQ]:
-    with rabbitmq_broker() as (server, why_not):
-        if server is None:
-            pytest.skip(why_not)
-        yield server
 
 
 @needs_redis
