@@ -66,6 +66,7 @@ class ScriptBatch:
             for index in indexes:
                 script, keys, args = self.calls[index]
                 script(keys=keys, args=args, client=pipe)
+            node_lost = False
             try:
                 answers = pipe.execute(raise_on_error=False)
             except (redis.ConnectionError, redis.TimeoutError):
@@ -74,9 +75,10 @@ class ScriptBatch:
                 # connection broke runs twice, harmless for the batched ones: a submit is
                 # idempotent, plan inputs only read, and a claim whose reply was lost leaves
                 # its steps leased (the sweeper puts them back when the lease ends).
-                answers = [MovedError("0 0.0.0.0:0")] * len(indexes)
+                node_lost = True
+                answers = [None] * len(indexes)
             for index, answer in zip(indexes, answers, strict=True):
-                if isinstance(answer, REDIRECTIONS):
+                if node_lost or isinstance(answer, REDIRECTIONS):
                     script, keys, args = self.calls[index]
                     answer = script(keys=keys, args=args, client=cluster)
                 replies[index] = answer
