@@ -8,6 +8,7 @@ start things, measure them and write figures into docs/benchmarks.md.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import http.client
 import json
@@ -241,6 +242,24 @@ def status_kib(pid: int, field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def sandbox_totals(stats: dict) -> tuple[int, int, int, dict[str, int]]:
+    """From the sandbox's stats: (API calls answered, 429s, most accepted of one client in any
+    second, calls by method and route), every client but the anonymous one."""
+    calls = limited = max_1s = 0
+    routes: collections.Counter[str] = collections.Counter()
+    for client, entry in stats["clients"].items():
+        if client == "(anonymous)":
+            continue
+        calls += entry["total"]
+        limited += entry["rate_limited"]
+        max_1s = max(max_1s, entry["max_accepted_in_1s"])
+        for route, statuses in entry["requests"].items():
+            routes[route.split(" ")[0] + " " + route.split(" ")[1].split("/")[1]] += sum(
+                statuses.values()
+            )
+    return calls, limited, max_1s, dict(routes)
 
 
 # --- talking to the sandbox directly (setup only) ----------------------------------------------

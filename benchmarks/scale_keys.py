@@ -39,12 +39,12 @@ from common import (
     cpu_seconds,
     machine,
     make_accounts,
+    sandbox_totals,
     scrape,
     settings_for,
     stack,
 )
 from common import write_section as write_docs_section
-from throughput import _totals
 
 from tests.cluster_topology import running_cluster
 from tests.rabbitmq_server import rabbitmq_broker
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 scraped = time.monotonic()
                 m0 = scrape(fleet.metrics_url, timeout=300)
                 scrape_seconds = time.monotonic() - scraped
-                s0 = _totals(st.sandbox.stats(payments=False))
+                s0 = sandbox_totals(st.sandbox.stats(payments=False))
                 c0, r0 = cpu_seconds(pids), cpu_seconds([s.process.pid for s in servers])
                 q0 = cpu_seconds(rabbit_pids()) if args.redis == "cluster" else 0.0
                 k0 = commands(ports)
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 time.sleep(args.duration)
                 elapsed = time.monotonic() - t0
                 k1 = commands(ports)
-                s1 = _totals(st.sandbox.stats(payments=False))
+                s1 = sandbox_totals(st.sandbox.stats(payments=False))
                 c1, r1 = cpu_seconds(pids), cpu_seconds([s.process.pid for s in servers])
                 q1 = cpu_seconds(rabbit_pids()) if args.redis == "cluster" else 0.0
                 m1 = scrape(fleet.metrics_url, timeout=300)

@@ -34,6 +34,7 @@ from common import (
     cpu_seconds,
     machine,
     make_accounts,
+    sandbox_totals,
     scrape,
     settings_for,
     stack,
@@ -62,22 +63,6 @@ class Result:
     call_seconds: float  # mean seconds of an API call (HTTP only)
     profile: list[tuple[str, float, float]] | None = None
     profile_self: list[tuple[str, float]] | None = None
-
-
-def _totals(stats: dict) -> tuple[int, int, int, dict[str, int]]:
-    calls = limited = max_1s = 0
-    routes: collections.Counter[str] = collections.Counter()
-    for client, entry in stats["clients"].items():
-        if client == "(anonymous)":
-            continue
-        calls += entry["total"]
-        limited += entry["rate_limited"]
-        max_1s = max(max_1s, entry["max_accepted_in_1s"])
-        for route, statuses in entry["requests"].items():
-            routes[route.split(" ")[0] + " " + route.split(" ")[1].split("/")[1]] += sum(
-                statuses.values()
-            )
-    return calls, limited, max_1s, dict(routes)
 
 
 def _profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
@@ -204,13 +189,13 @@ def run_config(
             if profile:
                 spy = _profile(pids[0], duration, spy_out)
             m0 = scrape(fleet.metrics_url)
-            s0 = _totals(st.sandbox.stats(payments=False))
+            s0 = sandbox_totals(st.sandbox.stats(payments=False))
             c0 = cpu_seconds(pids)
             sb0 = cpu_seconds([st.sandbox.process.pid])
             r0 = cpu_seconds([st.redis.process.pid])  # type: ignore[union-attr]
             t0 = time.monotonic()
             time.sleep(duration)
-            s1 = _totals(st.sandbox.stats(payments=False))
+            s1 = sandbox_totals(st.sandbox.stats(payments=False))
             m1 = scrape(fleet.metrics_url)
             c1 = cpu_seconds(pids)
             sb1 = cpu_seconds([st.sandbox.process.pid])
