@@ -111,3 +111,55 @@ def test_a_fleet_on_cluster_and_rabbitmq_rides_out_a_live_reshard(
         assert len(finals) == len(set(finals)) == PAYMENTS
         assert all(client.xlen(keys.event_outbox(a)) == 0 for a in CLIENTS)
         assert client.keyslot(keys.payment(moving, "order-0")) == slot  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(120)
+def test_a_stopping_worker_relays_the_events_left_in_the_outboxes(
+    tmp_path: Path, cluster: ClusterTopology, rabbitmq: RabbitMQ
+) -> None:
+    """Events written since the last sweep pass would wait in their outboxes for the next
+    sweeper, maybe a fleet started days later: a worker process relays them as it stops. Here
+    no process of the fleet may lead a sweeper shard (the test holds every lease), so only the
+    stop can have relayed the submits' events."""
+    clients = {"north": CLIENTS["north"], "south": CLIENTS["south"]}
+    with rabbitmq.vhost() as vhost:
+        env = paypoll_env(
+            redis_url=cluster.url,
+            # Never called: without a sweeper nothing is dispatched.
+            api_url="http://127.0.0.1:9",
+            accounts_file=write_accounts(tmp_path, clients, RATE),
+            key_prefix="cls",
+            broker_url=rabbitmq.url(vhost),
+        )
+        settings = load_settings(env)
+        keys = settings.keys()
+        client = connect_redis(cluster.url)
+        for shard in range(settings.sweeper_shards):
+            client.set(
+                keys.sweeper_shard_lock(shard, settings.sweeper_shards), "elsewhere", px=600_000
+            )
+        producer = Producer.from_settings(settings)
+        refs = {(name, f"order-{name}-{i}") for name in clients for i in range(3)}
+        for account, ref in sorted(refs):
+            producer.submit_payment(
+                account=account,
+                amount="9.99",
+                redirect_url="https://shop.test/thanks",
+                reference_id=ref,
+            )
+        assert client.xlen(keys.events()) == 0
+        assert sum(client.xlen(keys.event_outbox(a)) for a in clients) == len(refs)
+        with running_fleet(env, processes=1, threads=2) as fleet:
+            fleet.wait_started(1, timeout=60)
+            # Nothing may be relayed while the worker runs: no shard is led.
+            assert client.xlen(keys.events()) == 0
+            assert fleet.stop() == 0
+            log = fleet.output()
+        relayed = {
+            (f[b"account"].decode(), f[b"reference_id"].decode())
+            for _, f in client.xrange(keys.events())  # type: ignore[union-attr]
+        }
+        assert relayed == refs
+        assert client.xlen(keys.events()) == len(refs)
+        assert all(client.xlen(keys.event_outbox(a)) == 0 for a in clients)
+        assert '"worker.events_relayed"' in log and f'"events": {len(refs)}' in log

@@ -55,6 +55,7 @@ def _die_with_parent() -> None:
 def worker_process_main(settings: Settings, threads: int, index: int) -> None:
     """Body of one worker process: dramatiq Worker + sweeper until SIGTERM/SIGINT."""
     _die_with_parent()
+    import redis
     from dramatiq import Worker
 
     from worker import metrics
@@ -160,6 +161,15 @@ def worker_process_main(settings: Settings, threads: int, index: int) -> None:
     log.info("worker.stopping", index=index, pid=os.getpid())
     sweeper.stop()
     worker.stop(timeout=int(STOP_TIMEOUT * 1000))
+    if runtime.keys.cluster:
+        # On a cluster the last jobs' events wait in their accounts' outboxes for a sweep
+        # pass (worker/relay.py); with this fleet stopping that pass may be a long way off.
+        try:
+            relayed = sweeper.sweeper.relay.relay_all(settings.accounts)
+            log.info("worker.events_relayed", index=index, events=relayed)
+        except redis.RedisError as exc:
+            # Durable either way: the outboxes keep them for the next sweeper.
+            log.warning("worker.relay_failed", index=index, error=str(exc))
     if outbox is not None:
         outbox.stop()
         outbox.join(timeout=5)

@@ -8,11 +8,13 @@ each pass and learns the outbox's length from its claim, relays the outboxes tha
 stream's slot, then the relayed entries are deleted from the outbox. An entry is appended once
 even when the relay dies between the two steps: the next relay finds it behind the cursor and
 skips it. Consumers of the stream (worker/events.py) see no difference, but an event arrives up
-to one sweep interval later than on one Redis.
+to one sweep interval later than on one Redis. A worker process that stops relays its accounts'
+outboxes once more (:meth:`EventRelay.relay_all`), after its jobs have finished.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -55,4 +57,29 @@ class EventRelay:
             self._relay(keys=[self.keys.events(), self.keys.events_relayed()], args=args)
         )
         self.redis.xdel(outbox, *ids)
+        return appended
+
+    def relay_all(self, accounts: Iterable[str], batch: int = RELAY_BATCH) -> int:
+        """Relay every event waiting in the outboxes of ``accounts``, until they are empty;
+        how many were appended. One pipeline reads the outboxes' lengths (the accounts are in
+        many slots: redis-py splits it per node), then only accounts with events are relayed.
+        A worker process calls this as it stops, after its jobs have finished, so the events
+        they wrote reach the stream now rather than at some later fleet's sweep pass. Safe
+        alongside a sweeper relaying the same outboxes: ``relay.lua``'s cursor appends each
+        entry once."""
+        names = list(accounts)
+        if not names:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        for account in names:
+            pipe.xlen(self.keys.event_outbox(account))
+        lengths = pipe.execute()
+        appended = 0
+        for account, length in zip(names, lengths, strict=True):
+            if not length:
+                continue
+            # Bounded: each call deletes what it read; events still being written by another
+            # process's jobs are left to that process or the sweeper.
+            for _ in range(int(length) // batch + 1):
+                appended += self.relay(account, batch)
         return appended
