@@ -69,7 +69,7 @@ def worker_process_main(settings: Settings, threads: int, index: int) -> None:
     )
     from worker.logs import configure_logging
     from worker.runtime import Runtime
-    from worker.store import FINAL, State
+    from worker.store import State
     from worker.sweeper import Sweeper, SweeperThread, process_identity
 
     configure_logging(fmt=settings.log_format, level=settings.log_level)
@@ -88,7 +88,7 @@ def worker_process_main(settings: Settings, threads: int, index: int) -> None:
     metrics.prime_accounts(
         settings.accounts,
         [state.value for state in State],
-        terminal_states=sorted(state.value for state in FINAL),
+        terminal_state=State.PAID.value,
         actors=(CREATE_ACTOR, TRACK_ACTOR),
     )
     metrics.prime_sweeper(settings.sweeper_shards)
