@@ -68,20 +68,37 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+_received: list[str] = []  # signals taken inside _interruptible(), by name
+
+
 @contextlib.contextmanager
 def _interruptible() -> Iterator[None]:
-    """Turn SIGINT/SIGTERM/SIGHUP into :class:`Interrupted` inside the block."""
+    """Turn SIGINT/SIGTERM/SIGHUP into :class:`Interrupted` inside the block.
+
+    The handler raises where the main thread happens to be, and Python ignores an exception
+    raised inside a finalizer or ``__del__`` (a CI run: a SIGTERM that landed while urllib3
+    closed a pool's sockets was printed as "Exception ignored" and the demo ran on to the
+    end). So the signal is also recorded, and :func:`_raise_if_interrupted` raises it again
+    at the loops' next turn."""
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise Interrupted(signal.Signals(signum).name)
+        _received.append(signal.Signals(signum).name)
+        raise Interrupted(_received[-1])
 
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    _received.clear()
     previous = {sig: signal.signal(sig, interrupt) for sig in handled}
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _raise_if_interrupted() -> None:
+    """Raise :class:`Interrupted` if a signal was taken whose exception got lost."""
+    if _received:
+        raise Interrupted(_received[0])
 
 
 @contextlib.contextmanager
@@ -196,9 +213,11 @@ class Demo:
 
         deadline = time.monotonic() + options.timeout
         while True:
+            _raise_if_interrupted()
             snap = self._progress()
             view.progress(snap)
             if snap.finished >= options.payments:
+                _raise_if_interrupted()
                 break
             if not fleet.alive():
                 raise RuntimeError(f"the worker fleet exited:\n{fleet.log_tail()}")
@@ -214,8 +233,10 @@ class Demo:
                 "stats; Ctrl-C stops everything"
             )
             while fleet.alive():
+                _raise_if_interrupted()
                 time.sleep(0.5)
             raise RuntimeError("the worker fleet exited")
+        _raise_if_interrupted()
         return 0
 
     def _submit(self) -> None:
