@@ -9,7 +9,7 @@ at K keys (a busy fleet adds the series of states and endpoints that happened). 
 wall time of an HTTP GET of /metrics, its size and sample lines; and the worker processes'
 RSS and the multiprocess directory's size.
 
-    .venv/bin/python benchmarks/metrics_scrape.py [--keys 1000] [--processes 2] [--scrapes 3]
+    .venv/bin/python benchmarks/metrics_scrape.py [--keys 100,1000] [--processes 2] [--scrapes 3]
         [--write-docs]
 """
 
@@ -40,8 +40,8 @@ def measure(keys: int, processes: int, scrapes: int) -> dict[str, float]:
     """Start the fleet, wait until its first scrape shows every worker's series, then time
     ``scrapes`` scrapes; the figures."""
     accounts = make_accounts(keys)
-    with stack(accounts, account_rate=5, env={"PAYPOLL_METRICS_DIR": ""}) as st:
-        metrics_dir = st.workdir / "metrics"
+    with stack(accounts, account_rate=5) as st:
+        metrics_dir = st.workdir / "metrics"  # in the stack's workdir: its size is measured
         st.env["PAYPOLL_METRICS_DIR"] = str(metrics_dir)
         fleet = FleetProcess(st, processes=processes, threads=2, metrics=True)
         try:

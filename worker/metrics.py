@@ -309,7 +309,7 @@ def prime_accounts(
         if terminal_state is not None:
             # One state only: the time-to-terminal and polls histograms are 18 series each per
             # (account, state), and priming all seven final states made them two thirds of a
-            # scrape (benchmarks/metrics_scrape.py: 1,000 keys, 398 -> 156 samples per key).
+            # scrape (benchmarks/metrics_scrape.py: 1,000 keys, 398 -> 182 samples per key).
             # No alert reads them and their panels sum over states, so one series per account
             # is enough to show data; the other states' series appear when they happen.
             TERMINAL_SECONDS.labels(account, terminal_state)
