@@ -15,20 +15,23 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import closing, contextmanager, nullcontext
 from typing import TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import requests
 import structlog
 from redis import Redis, RedisError
+from requests.structures import CaseInsensitiveDict
 
 from worker import metrics
 from worker.api.auth import IssuedToken, TokenCache, parse_token
 from worker.api.call_log import record_call
+from worker.api.direct import ConnectFailed, DirectTransport, ExchangeFailed, process_transport
 from worker.api.limiting import Limiter, UnlimitedLimiter
 from worker.api.models import BadPayload, PaymentRequest, parse_payment
 from worker.api.responses import error_for_status, malformed
-from worker.api.send_gate import GateRefused, plan_send, send_gate
+from worker.api.send_gate import ApiSession, GateRefused, LastCheck, plan_send, send_gate
 from worker.api.transport import (
+    encode_body,
     is_connection_aborted,
     prepare,
     process_session,
@@ -49,6 +52,9 @@ from worker.logs import register_secret
 from worker.settings import Account, Settings
 
 T = TypeVar("T")
+#: What sending one request gives: its status, its body (None when longer than MAX_BODY) and
+#: its headers (case-insensitive).
+Exchanged = tuple[int, bytes | None, Mapping[str, str]]
 
 #: Largest answer body read: a PaymentRequest is a few hundred bytes; more is not our API.
 MAX_BODY = 1_048_576
@@ -90,8 +96,10 @@ class ApiClient:
     """The Alternative Payments API, as paypoll uses it: thread-safe, one per process.
 
     ``redis`` holds the shared token cache; ``limiter`` is asked for a slot before every HTTP
-    call (default: UnlimitedLimiter, for tools without one); ``session`` defaults to the
-    process's pooled Session.
+    call (default: UnlimitedLimiter, for tools without one). Calls go out on ``transport``
+    (default: the process's DirectTransport), except through a proxy the environment names:
+    those take the process's pooled requests Session. A ``session`` given sends every call
+    through it instead (``transport`` is then unused).
     """
 
     def __init__(
@@ -102,10 +110,12 @@ class ApiClient:
         limiter: Limiter | None = None,
         session: requests.Session | None = None,
         keys: Keys | None = None,
+        transport: DirectTransport | None = None,
     ) -> None:
         self._settings = settings
         self._limiter: Limiter = limiter if limiter is not None else UnlimitedLimiter()
         self._session = session
+        self._transport = transport
         self._timeout = (settings.connect_timeout, settings.read_timeout)
         self._base = settings.api_url.rstrip("/")
         self._payments = self._base + "/" + settings.payments_path.strip("/")
@@ -320,6 +330,79 @@ class ApiClient:
         finally:
             self._holds.slot = None
 
+    def _sender(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        json_body: Mapping[str, str] | None,
+        form_body: str | None,
+    ) -> Callable[[Callable[[], LastCheck]], Exchanged]:
+        """The request, built now (before the slot: nothing avoidable happens between a slot
+        and the write), as a function that sends it, running the gate it is given once
+        connected, and returns (status, body or None when too long, headers). It goes out on
+        the direct path (worker/api/direct.py) unless a Session was handed to the client or a
+        proxy applies; then through requests. Raises GateRefused (nothing written), requests'
+        exceptions, ConnectFailed and ExchangeFailed."""
+        direct = self._direct_transport(url)
+        if direct is not None:
+            body, all_headers = encode_body(headers, json_body, form_body)
+            timeouts = self._timeout
+
+            def send_direct(gate: Callable[[], LastCheck]) -> Exchanged:
+                answer = direct.exchange(
+                    method,
+                    url,
+                    headers=all_headers,
+                    body=body,
+                    gate=gate,
+                    connect_timeout=timeouts[0],
+                    read_timeout=timeouts[1],
+                    limit=MAX_BODY,
+                )
+                return answer.status, answer.body, CaseInsensitiveDict(answer.headers)
+
+            return send_direct
+        session = self.session
+        prepared = prepare(
+            session, method, url, headers=headers, json_body=json_body, form_body=form_body
+        )
+
+        def send_by_requests(gate: Callable[[], LastCheck]) -> Exchanged:
+            gated, proxies = plan_send(session, prepared)
+            if not gated:
+                # Through a proxy our pools are not used: the gate and its check run here.
+                try:
+                    check = gate()
+                    if check is not None:
+                        check()
+                except Exception as exc:
+                    raise GateRefused(exc) from exc
+            with send_gate(gate) if gated else nullcontext() as pending:
+                response = session.send(
+                    prepared,
+                    proxies=proxies,
+                    timeout=self._timeout,
+                    stream=True,  # so the body is read with a size bound
+                    allow_redirects=False,  # a redirect would re-send credentials elsewhere
+                )
+            if pending is not None and not pending.ran:  # pragma: no cover - a bug if seen
+                log.error("api.send_gate_bypassed", url_path=urlsplit(url).path)
+            with closing(response):
+                return response.status_code, read_body(response, MAX_BODY), response.headers
+
+        return send_by_requests
+
+    def _direct_transport(self, url: str) -> DirectTransport | None:
+        """The process's direct transport for ``url``, or None when the requests path applies:
+        a Session was handed to the client, or the environment names a proxy for the URL."""
+        if self._session is not None:
+            return None
+        session = process_session()
+        if isinstance(session, ApiSession) and session.proxies_for(url):
+            return None
+        return self._transport if self._transport is not None else process_transport()
+
     def _exchange(
         self,
         account: Account,
@@ -340,10 +423,7 @@ class ApiClient:
         # Built before the slot is taken: the time between a slot and the request on the wire
         # is the jitter the limiter's margin must absorb, so nothing avoidable happens there
         # (preparing reads the environment and ~/.netrc, and serialises the body).
-        session = self.session
-        prepared = prepare(
-            session, method, url, headers=headers, json_body=json_body, form_body=form_body
-        )
+        send = self._sender(method, url, headers, json_body, form_body)
         # SlotTooFar propagates from here: nothing was sent, nothing is recorded as a call.
         try:
             wait_for_slot = self._limiter.book(
@@ -392,34 +472,18 @@ class ApiClient:
 
             return still_on_time
 
-        gated, proxies = plan_send(session, prepared)
-        if not gated:
-            when_connected()()  # through a proxy: our pools are not used, so wait here
         status: int | None = None
         error: ApiError | None = None
         refused: BaseException | None = None
         try:
             try:
-                with send_gate(when_connected) if gated else nullcontext() as pending:
-                    response = session.send(
-                        prepared,
-                        proxies=proxies,
-                        timeout=self._timeout,
-                        stream=True,  # so the body is read with a size bound
-                        allow_redirects=False,  # a redirect would re-send credentials elsewhere
-                    )
-                if pending is not None and not pending.ran:  # pragma: no cover - a bug if seen
-                    log.error("api.send_gate_bypassed", account=account.name, endpoint=endpoint)
-                with closing(response):
-                    status = response.status_code
-                    body = read_body(response, MAX_BODY)
-                    response_headers = response.headers
+                status, body, response_headers = send(when_connected)
             except GateRefused as exc:
                 # Nothing was written: not an API call. The reason (SlotTooFar, NotSent, the
                 # caller's own refusal) is raised as it is.
                 refused = exc.reason
                 raise exc.reason from None
-            except requests.RequestException as exc:
+            except (requests.RequestException, ConnectFailed, ExchangeFailed) as exc:
                 raise transport_error(
                     exc,
                     account=account.name,

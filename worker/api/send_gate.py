@@ -163,6 +163,18 @@ class ApiSession(requests.Session):
                 self._env_proxies[key] = found
         return found
 
+    def proxies_for(self, url: str) -> dict[str, str]:
+        """The proxies that apply to ``url``: the session's own, and the environment's for its
+        scheme (read once per host), as requests' ``resolve_proxies`` would give them with
+        ``trust_env``. Empty (or only a ``no_proxy`` entry) when ``url`` goes direct."""
+        proxies = dict(self.proxies)
+        scheme = urlsplit(url).scheme
+        from_env = self.environment_proxies(url, proxies.get("no_proxy"))
+        proxy = from_env.get(scheme, from_env.get("all"))
+        if proxy:
+            proxies.setdefault(scheme, proxy)
+        return proxies if select_proxy(url, proxies) is not None else {}
+
 
 def plan_send(
     session: requests.Session, request: requests.PreparedRequest
@@ -175,12 +187,7 @@ def plan_send(
     url = request.url or ""
     if isinstance(session, ApiSession):
         # What resolve_proxies gives with trust_env, the environment's part read once.
-        proxies = dict(session.proxies)
-        scheme = urlsplit(url).scheme
-        from_env = session.environment_proxies(url, proxies.get("no_proxy"))
-        proxy = from_env.get(scheme, from_env.get("all"))
-        if proxy:
-            proxies.setdefault(scheme, proxy)
+        proxies = session.proxies_for(url)
     else:
         proxies = resolve_proxies(request, dict(session.proxies), session.trust_env)
     gated = (

@@ -1,7 +1,8 @@
-"""The HTTP connection pool, and what a failed exchange means: never sent, or sent and lost.
+"""The requests path, and what a failed exchange means: never sent, or sent and lost.
 
-One pooled ``requests.Session`` per process, sized for many worker threads, with urllib3's own
-retries off: every retry decision belongs to paypoll (design.md, invariant 3), because a blind
+API calls go out on worker/api/direct.py; calls through a proxy (and on a Session handed to the
+client) take one pooled ``requests.Session`` per process, sized for many worker threads, with
+urllib3's own retries off: every retry decision belongs to paypoll (design.md, invariant 3), because a blind
 retry of a create could create a second payment.
 
 Telling "not sent" from "sent, answer lost" is what keeps creates at most once. With
@@ -24,6 +25,7 @@ for a GET the client simply retries once (a GET is idempotent).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -35,7 +37,7 @@ from requests.cookies import RequestsCookieJar
 from requests.hooks import default_hooks
 from requests.structures import CaseInsensitiveDict
 
-from worker import __version__
+from worker.api.direct import USER_AGENT, ConnectFailed, ExchangeFailed
 from worker.api.send_gate import ApiSession, GatedAdapter
 from worker.errors import Ambiguous, NotSent, TransportError
 
@@ -43,7 +45,6 @@ from worker.errors import Ambiguous, NotSent, TransportError
 POOL_MAXSIZE = 64
 #: Distinct hosts kept in the pool (the API, the demo API, a sandbox).
 POOL_CONNECTIONS = 4
-USER_AGENT = f"paypoll/{__version__}"
 
 _lock = threading.Lock()
 _session: tuple[int, requests.Session] | None = None
@@ -128,6 +129,24 @@ def prepare(
     return prepared
 
 
+def encode_body(
+    headers: Mapping[str, str],
+    json_body: Mapping[str, str] | None,
+    form_body: str | None,
+) -> tuple[bytes | None, dict[str, str]]:
+    """The body's bytes and the headers to send with it, as requests' preparation makes them:
+    JSON (``allow_nan=False``) with ``Content-Type: application/json`` unless one is given,
+    a form body as the UTF-8 of the string given (its Content-Type is the caller's)."""
+    all_headers = dict(headers)
+    if json_body is not None:
+        if not any(name.lower() == "content-type" for name in all_headers):
+            all_headers["Content-Type"] = "application/json"
+        return json.dumps(json_body, allow_nan=False).encode("utf-8"), all_headers
+    if form_body is not None:
+        return form_body.encode("utf-8"), all_headers
+    return None, all_headers
+
+
 def process_session() -> requests.Session:
     """The one Session of this process, created on first use (and again after a fork).
 
@@ -202,26 +221,35 @@ def is_connection_aborted(exc: BaseException) -> bool:
 
 
 def transport_error(
-    exc: requests.RequestException,
+    exc: requests.RequestException | ConnectFailed | ExchangeFailed,
     *,
     account: str,
     endpoint: str,
     connect_timeout: float,
     read_timeout: float,
 ) -> TransportError:
-    """NotSent when ``exc`` proves nothing reached the server, Ambiguous otherwise."""
+    """NotSent when ``exc`` proves nothing reached the server, Ambiguous otherwise (a
+    requests exception, or the direct path's ConnectFailed / ExchangeFailed)."""
     detail = _detail(exc)
-    if _is_connect_failure(exc):
-        if isinstance(exc, requests.ConnectTimeout):
+    if isinstance(exc, ConnectFailed | ExchangeFailed):
+        connect_failed = isinstance(exc, ConnectFailed)
+        connect_timed_out = connect_failed and isinstance(exc.reason, TimeoutError)
+        read_timed_out = isinstance(exc, ExchangeFailed) and exc.timed_out
+    else:
+        connect_failed = _is_connect_failure(exc)
+        connect_timed_out = isinstance(exc, requests.ConnectTimeout)
+        read_timed_out = isinstance(exc, requests.ReadTimeout) or any(
+            isinstance(item, urllib3.exceptions.ReadTimeoutError) for item in _chain(exc)
+        )
+    if connect_failed:
+        if connect_timed_out:
             detail = f"connect timeout after {connect_timeout:g}s"
         return NotSent(
             f"could not reach the API, nothing was sent ({detail})",
             account=account,
             endpoint=endpoint,
         )
-    if isinstance(exc, requests.ReadTimeout) or any(
-        isinstance(item, urllib3.exceptions.ReadTimeoutError) for item in _chain(exc)
-    ):
+    if read_timed_out:
         detail = f"no answer within read_timeout={read_timeout:g}s"
     return Ambiguous(
         f"the request was sent but its answer was lost ({detail})",
