@@ -233,3 +233,13 @@ def test_many_secrets_registered_at_start_build_the_index_once(
     assert len(built) == 1 and built[0] >= 2000
     redact_text(line)
     assert len(built) == 1
+
+
+def test_short_field_values_are_redacted_for_secrets_registered_later() -> None:
+    # The remembered redaction of a short value must not outlive the registration of a
+    # secret it contains. The processor itself, not a rendered line: the final pass over the
+    # line would hide a stale field.
+    value = "tok-remembered-123"
+    assert logs.redact_event(None, "info", {"note": value, "n": 1}) == {"note": value, "n": 1}
+    register_secret(value)
+    assert logs.redact_event(None, "info", {"note": value, "n": 1}) == {"note": REDACTED, "n": 1}

@@ -20,10 +20,8 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import current_millis
 from dramatiq.middleware import (
     AgeLimit,
-    Callbacks,
     CurrentMessage,
     Middleware,
-    Pipelines,
     Retries,
     ShutdownNotifications,
     TimeLimit,
@@ -129,12 +127,12 @@ def build_broker(settings: Settings) -> dramatiq.Broker:
     exporter: paypoll runs its own): RabbitMQ when ``settings.broker_url`` is amqp(s)://
     (worker/rabbitmq.py: confirms, quorum queues), else a Redis broker on
     ``settings.jobs_url()`` under ``settings.namespace``. Connects lazily."""
+    # Not dramatiq's Callbacks and Pipelines: no paypoll message uses on_success/on_failure
+    # or a pipeline, and each middleware is called at every message's every hook.
     middleware = [
         AgeLimit(),
         TimeLimit(),
         ShutdownNotifications(),
-        Callbacks(),
-        Pipelines(),
         Retries(max_retries=0),
         CurrentMessage(),
         JobContext(),

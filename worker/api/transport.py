@@ -2,8 +2,8 @@
 
 API calls go out on worker/api/direct.py; calls through a proxy (and on a Session handed to the
 client) take one pooled ``requests.Session`` per process, sized for many worker threads, with
-urllib3's own retries off: every retry decision belongs to paypoll (design.md, invariant 3), because a blind
-retry of a create could create a second payment.
+urllib3's own retries off: every retry decision belongs to paypoll (design.md, invariant 3),
+because a blind retry of a create could create a second payment.
 
 Telling "not sent" from "sent, answer lost" is what keeps creates at most once. With
 ``max_retries=0`` requests raises, for this urllib3:
