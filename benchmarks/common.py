@@ -235,6 +235,17 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total / CLK_TCK
 
 
+def stolen_seconds() -> float:
+    """CPU seconds the hypervisor gave to other guests while this machine's vCPUs wanted to
+    run (/proc/stat ``steal``, all CPUs); 0.0 where the kernel does not count it. On a shared
+    host it is the noise no load average shows: a vCPU stolen between a rate-limit slot and its
+    send makes the call late."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / CLK_TCK
+    return 0.0
+
+
 def status_kib(pid: int, field: str) -> int:
     """A ``/proc/PID/status`` figure in KiB (VmRSS, VmHWM); 0 when the process is gone."""
     with contextlib.suppress(OSError):
