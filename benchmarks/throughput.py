@@ -59,6 +59,7 @@ class Result:
     sandbox_cpu: float
     redis_cpu: float
     stolen: float  # CPU seconds the host's other guests took from this machine's vCPUs
+    late_sends: int  # calls written too late after their slot check: their keys fenced
     by_route: dict[str, int]
     jobs: dict[str, float]
     limiter_wait: float  # mean seconds a granted call slept for its slot
@@ -138,6 +139,14 @@ def _top_self(path: Path, top: int = 10) -> list[tuple[str, float]]:
         own[leaf] += int(count)
         busy += int(count)
     return [(f, 100 * c / busy) for f, c in own.most_common(top)] if busy else []
+
+
+LATE_SENDS = "paypoll_limiter_late_sends_total"
+
+
+def _total(samples: dict[str, float], counter: str) -> float:
+    """The sum of a counter's series (all label sets) in one scrape."""
+    return sum(v for k, v in samples.items() if k == counter or k.startswith(counter + "{"))
 
 
 def _mean(m0: dict[str, float], m1: dict[str, float], histogram: str) -> float:
@@ -227,6 +236,7 @@ def run_config(
             sandbox_cpu=sb1 - sb0,
             redis_cpu=r1 - r0,
             stolen=st1 - st0,
+            late_sends=round(_total(m1, LATE_SENDS) - _total(m0, LATE_SENDS)),
             by_route={k: v for k, v in by_route.items() if v},
             limiter_wait=_mean(m0, m1, "paypoll_limiter_wait_seconds"),
             call_seconds=_mean(m0, m1, "paypoll_api_call_seconds"),
@@ -259,15 +269,17 @@ def render(results: list[Result], args: argparse.Namespace, start_machine: str) 
         "",
         f"Machine: {start_machine}. Sandbox, Redis, the fleet and this script share the 2 cores.",
         "",
-        "| processes x threads | API calls/s | share of 500 | 429s | max accepted per key in 1 s "
+        "| processes x threads | API calls/s | share of 500 | 429s | late writes fenced "
+        "| max accepted per key in 1 s "
         "| jobs by outcome | mean limiter wait | mean HTTP call | worker CPU per call | worker CPU (cores) | sandbox CPU (cores) "
         "| Redis CPU (cores) | stolen by the host (cores) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         jobs = ", ".join(f"{k} {v:.0f}" for k, v in sorted(r.jobs.items()))
         lines.append(
             f"| {r.config} | {r.per_second:.0f} | {100 * r.share:.0f}% | {r.rate_limited} | "
+            f"{r.late_sends} | "
             f"{r.max_in_1s} | {jobs} | {1000 * r.limiter_wait:.0f} ms | "
             f"{1000 * r.call_seconds:.1f} ms | "
             f"{r.cpu_ms_per_call:.2f} ms | {r.worker_cpu / r.seconds:.2f} | "
@@ -347,7 +359,7 @@ def main() -> int:
         )
         print(
             f"{r.config}: {r.per_second:.0f} calls/s ({100 * r.share:.0f}% of 500), "
-            f"429s {r.rate_limited}, max/key/1s {r.max_in_1s}, jobs {r.jobs}, limiter wait {1000 * r.limiter_wait:.0f} ms, "
+            f"429s {r.rate_limited}, late writes fenced {r.late_sends}, max/key/1s {r.max_in_1s}, jobs {r.jobs}, limiter wait {1000 * r.limiter_wait:.0f} ms, "
             f"call {1000 * r.call_seconds:.1f} ms, worker CPU "
             f"{r.cpu_ms_per_call:.2f} ms/call ({r.worker_cpu / r.seconds:.2f} cores), sandbox "
             f"{r.sandbox_cpu / r.seconds:.2f} cores, redis {r.redis_cpu / r.seconds:.2f} cores, "

@@ -11,6 +11,7 @@ front (a thread relaying a TLS socket to the sandbox) with a certificate openssl
 
 from __future__ import annotations
 
+import http.client
 import socket
 import ssl
 import subprocess
@@ -18,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -26,11 +28,17 @@ from tests.redis_server import free_port
 from tests.sandbox_fixture import RunningSandbox, sandbox_factory
 from worker import metrics
 from worker.api import ApiClient
-from worker.api.direct import DirectHTTPConnection, DirectTransport, default_ssl_context
+from worker.api.direct import (
+    DirectHTTPConnection,
+    DirectTransport,
+    _LastCheckMixin,
+    default_ssl_context,
+)
 from worker.api.send_gate import GateRefused
 from worker.errors import ApiError, NotFound, NotSent, SlotTooFar
 from worker.keys import Keys
 from worker.ratelimit import RateLimiter
+from worker.ratelimit.reservation import Reservation
 from worker.settings import Account, Secret, Settings
 
 __all__ = ["sandbox_factory"]
@@ -111,6 +119,70 @@ def test_a_slow_new_connection_is_made_before_the_slot_not_after_it(
     assert stats["rate_limited"] == 0 and stats["total"] == 14
     # The gate saw a slow connect eat into an idle key's "now" slot and took a fresh one.
     assert metrics.LIMITER_LATE.labels("slow")._value.get() - late_before >= 1
+    transport.close()
+
+
+class _StallBeforeWrite(http.client.HTTPConnection):
+    """Sleeps ``stall_next`` seconds (once) right before its write: a thread losing the CPU
+    (the GIL, a stolen vCPU) between the slot's last check and the write."""
+
+    stall_next = 0.0
+
+    def send(self, data: Any) -> None:
+        stall, type(self).stall_next = type(self).stall_next, 0.0
+        if stall:
+            time.sleep(stall)
+        super().send(data)
+
+
+class StalledWrite(_LastCheckMixin, _StallBeforeWrite):
+    """The direct connection, its last check run before the stall."""
+
+
+class NoFence(RateLimiter):
+    """The limiter without its after-write fence: what a late write did before it."""
+
+    def fence_late_send(self, booking: Reservation, rate: float) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("fenced", [False, True])
+def test_a_write_late_after_its_check_fences_the_key(
+    sandbox_factory: Callable[..., RunningSandbox],
+    redis_client: redis.Redis,
+    key_prefix: str,
+    fenced: bool,
+) -> None:
+    # Eight calls back to back on one key, the strict sliding limit: the third is written
+    # 60 ms after its last check passed. The fifth call after it, on time, is then 965 ms
+    # after it: without the fence a 429 (the premise, so this test can fail); with it none.
+    sandbox = sandbox_factory(client=[f"{CLIENT_ID}:{SECRET}"], rate=5, limit_mode="sliding")
+    account = f"stall-{fenced}"
+    settings = Settings(api_url=sandbox.url, key_prefix=key_prefix).with_accounts(
+        Account(account, CLIENT_ID, Secret(SECRET), rate=5.0)
+    )
+    limiter_class = RateLimiter if fenced else NoFence
+    limiter = limiter_class(redis=redis_client, keys=Keys(key_prefix), max_wait=2.0)
+    transport = DirectTransport(http_class=StalledWrite)
+    client = ApiClient(settings=settings, redis=redis_client, limiter=limiter, transport=transport)
+    fences_before = metrics.LIMITER_LATE_SENDS.labels(account)._value.get()
+    client.tokens.get(settings.account(account))  # call 1
+    outcomes = []
+    for call in range(7):  # calls 2 to 8
+        StalledWrite.stall_next = 0.060 if call == 1 else 0.0
+        try:
+            client.get_payment(account, "no-such-payment")
+        except ApiError as exc:
+            outcomes.append(type(exc).__name__)
+    stats = sandbox.client_stats(CLIENT_ID)
+    fences = metrics.LIMITER_LATE_SENDS.labels(account)._value.get() - fences_before
+    if fenced:
+        assert stats["rate_limited"] == 0, (stats, outcomes)
+        assert outcomes == ["NotFound"] * 7
+        assert fences == 1  # the stalled call only: the others were written on time
+    else:
+        assert stats["rate_limited"] >= 1, (stats, outcomes)
+        assert fences == 0
     transport.close()
 
 

@@ -442,3 +442,26 @@ def test_a_wait_with_a_lead_returns_before_the_slot_and_wait_out_reaches_it(
     # At or after the slot: the lowest bound of Redis's clock has passed it.
     assert limiter.lateness(granted.booking) >= 0
     assert not granted.late()
+
+
+def test_a_late_send_fences_the_key_by_its_lateness(
+    limiter: RateLimiter, redis_client: redis.Redis, keys: Keys
+) -> None:
+    # A fresh key's slot is now; its next free slot now + 205 ms. Written 60 ms after its
+    # slot (the sleep is the lateness), the fifth slot after the call must fall 1 s + margin
+    # after it: the next free slot moves by the lateness less 20 ms (slack 25 ms less the 5 ms
+    # margin). On time, nothing moves and no command is sent.
+    assert limiter.send_slack(5.0) == pytest.approx(0.020)
+    assert limiter.send_slack(1.0) == pytest.approx(limiter.late_limit(1.0))
+    on_time = limiter.reserve("prompt", 5.0, 2.0)
+    assert not limiter.fence_late_send(on_time, 5.0)
+    booking = limiter.reserve("acme", 5.0, 2.0)
+    before = int(stored_slot(redis_client, keys, "acme") or 0) / 1_000_000
+    assert before == pytest.approx(booking.slot + 0.205, abs=1e-5)
+    time.sleep(0.060)
+    lateness = limiter.lateness(booking)
+    assert limiter.fence_late_send(booking, 5.0)
+    after = int(stored_slot(redis_client, keys, "acme") or 0) / 1_000_000
+    # The fence read its own lateness a moment after this one: at least as late.
+    assert lateness - 0.020 - 1e-6 <= after - before <= lateness - 0.020 + 0.010
+    assert after - before >= 0.040 - 1e-6

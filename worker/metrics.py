@@ -184,6 +184,19 @@ def record_late_slot(account: str) -> None:
     LIMITER_LATE.labels(account).inc()
 
 
+LIMITER_LATE_SENDS = Counter(
+    "paypoll_limiter_late_sends_total",
+    "Calls that reached the wire later than their slot's slack (the thread lost the CPU between "
+    "its last check and the write); the key was fenced so no window holds one call too many",
+    ["account"],
+)
+
+
+def record_late_send(account: str) -> None:
+    """A call of ``account`` was written too late after its slot check; its key was fenced."""
+    _child(LIMITER_LATE_SENDS, account).inc()
+
+
 def record_penalty(account: str) -> None:
     """A 429 penalty was applied to ``account``'s key."""
     LIMITER_PENALTIES.labels(account).inc()
@@ -309,6 +322,7 @@ def prime_accounts(
             counter.labels(account)
         for per_account in (
             LIMITER_LATE,
+            LIMITER_LATE_SENDS,
             UNKNOWN_STATUSES,
             LIMITER_WAIT_SECONDS,
             DETECTION_BOUND_SECONDS,

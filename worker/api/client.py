@@ -375,6 +375,9 @@ class ApiClient:
                 try:
                     check = gate()
                     if check is not None:
+                        # Its after-write fence is not run: the write happens inside
+                        # session.send, and a reading after the whole exchange would call
+                        # every proxied call late.
                         check()
                 except Exception as exc:
                     raise GateRefused(exc) from exc
@@ -434,7 +437,7 @@ class ApiClient:
         waited = 0.0
         started = time.perf_counter()  # reset when the slot is reached (a failed connect never is)
 
-        def when_connected() -> Callable[[], None]:
+        def when_connected() -> Callable[[], Callable[[], None]]:
             # The last step before the request is written, once the connection is made (a
             # connect after the slot would make the call late): sleep until the slot, then
             # let the caller mark the request as sent. Returns the lateness check that the
@@ -457,7 +460,7 @@ class ApiClient:
                 slot.wait_out()
             started = time.perf_counter()
 
-            def still_on_time() -> None:
+            def still_on_time() -> Callable[[], None]:
                 # Run again at the write: the caller's step (a Redis write: with appendfsync
                 # always it can take tens of milliseconds) and building the request ran after
                 # the slot's lateness check, and a starved host can deschedule this thread
@@ -469,6 +472,16 @@ class ApiClient:
                         account=account.name,
                         endpoint=endpoint,
                     )
+                return written
+
+            def written() -> None:
+                # Right after the first write: this thread may have lost the CPU between the
+                # check above and the write; if the write came too late, the key is fenced.
+                try:
+                    slot.sent()
+                except RedisError as exc:
+                    # The call is out; only the fence failed: the next calls keep their slots.
+                    log.warning("api.fence_failed", account=account.name, error=type(exc).__name__)
 
             return still_on_time
 

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 import certifi
 
 from worker import __version__
-from worker.api.send_gate import GateRefused, LastCheck
+from worker.api.send_gate import AfterWrite, GateRefused, LastCheck
 
 USER_AGENT = f"paypoll/{__version__}"
 #: Idle keep-alive connections kept per origin: more than any sane number of worker threads.
@@ -68,18 +68,22 @@ class Answer:
 
 
 class _LastCheckMixin:
-    """Runs the gate's last check right before the first byte is written (``send``)."""
+    """Runs the gate's last check right before the first byte is written (``send``), and the
+    step that check returns right after that write."""
 
     last_check: LastCheck = None
 
     def send(self, data: Any) -> None:
         check, self.last_check = self.last_check, None
+        after: AfterWrite = None
         if check is not None:
             try:
-                check()
+                after = check()
             except Exception as exc:
                 raise GateRefused(exc) from exc
         super().send(data)  # type: ignore[misc]
+        if after is not None:
+            after()
 
 
 class DirectHTTPConnection(_LastCheckMixin, http.client.HTTPConnection):

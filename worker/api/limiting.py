@@ -24,6 +24,11 @@ class GrantedSlot(Protocol):
         """Sleep until the slot itself, when the wait returned ``lead`` seconds before it."""
         ...
 
+    def sent(self) -> None:
+        """The call's first byte was just written: keep the key's next calls clear of it if
+        that was too late for the slot (one limiter command then; none otherwise)."""
+        ...
+
 
 class WaitForSlot(Protocol):
     """Sleeps until a booked slot (``lead`` seconds before it, for a step that must come right
@@ -88,6 +93,9 @@ class _AnyTime:
         return False
 
     def wait_out(self) -> None:
+        return None
+
+    def sent(self) -> None:
         return None
 
 

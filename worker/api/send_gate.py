@@ -44,9 +44,11 @@ class GateRefused(PaypollError):
         self.reason = reason
 
 
+#: What a last check returns: nothing, or a step to run right after the first write.
+AfterWrite = Callable[[], None] | None
 #: What a gate returns: nothing, or a check to run right before the first byte is written
-#: (it raises to send nothing).
-LastCheck = Callable[[], None] | None
+#: (it raises to send nothing; it may return a step to run once that write is done).
+LastCheck = Callable[[], AfterWrite] | None
 
 
 @dataclass
@@ -100,12 +102,15 @@ class _GatedConnectionMixin:
 
     def send(self, data: Any) -> None:
         last_check, self._last_check = self._last_check, None
+        after: AfterWrite = None
         if last_check is not None:
             try:
-                last_check()
+                after = last_check()
             except Exception as exc:
                 raise GateRefused(exc) from exc
         super().send(data)  # type: ignore[misc]
+        if after is not None:
+            after()
 
 
 class GatedHTTPConnection(_GatedConnectionMixin, HTTPConnection):
