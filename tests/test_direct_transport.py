@@ -186,6 +186,30 @@ def test_a_write_late_after_its_check_fences_the_key(
     transport.close()
 
 
+class BrokenFence(RateLimiter):
+    """A limiter whose after-write step fails on every call."""
+
+    def fence_late_send(self, booking: Reservation, rate: float) -> bool:
+        raise RuntimeError("the fence broke")
+
+
+def test_a_failing_fence_does_not_fail_a_call_already_written(
+    strict_sandbox: RunningSandbox, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    # The step after the write runs once the request is out: its failure must not make the
+    # exchange fail (a create would then be ambiguous).
+    [payment_id] = strict_sandbox.seed(CLIENT_ID, 1)
+    settings = Settings(api_url=strict_sandbox.url, key_prefix=key_prefix).with_accounts(
+        Account("broken", CLIENT_ID, Secret(SECRET), rate=5.0)
+    )
+    limiter = BrokenFence(redis=redis_client, keys=Keys(key_prefix), max_wait=2.0)
+    transport = DirectTransport()
+    client = ApiClient(settings=settings, redis=redis_client, limiter=limiter, transport=transport)
+    assert [client.get_payment("broken", payment_id).id for _ in range(2)] == [payment_id] * 2
+    assert strict_sandbox.client_stats(CLIENT_ID)["total"] == 3  # the token call and two GETs
+    transport.close()
+
+
 def test_a_refusing_gate_sends_nothing_and_keeps_the_connection(
     strict_sandbox: RunningSandbox,
 ) -> None:

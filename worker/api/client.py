@@ -479,8 +479,10 @@ class ApiClient:
                 # check above and the write; if the write came too late, the key is fenced.
                 try:
                     slot.sent()
-                except RedisError as exc:
-                    # The call is out; only the fence failed: the next calls keep their slots.
+                except Exception as exc:
+                    # The call is out: nothing here may turn it into a failed exchange (for a
+                    # create, an ambiguous one). Only the fence failed; the next calls keep
+                    # their slots.
                     log.warning("api.fence_failed", account=account.name, error=type(exc).__name__)
 
             return still_on_time
