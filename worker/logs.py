@@ -231,12 +231,8 @@ _PLAIN_TYPES = (int, float, type(None))
 def _redact_mapping(data: Mapping[Any, Any]) -> dict[Any, Any]:
     # A loop with the common cases first: every log line's dozen fields pass through here.
     redacted: dict[Any, Any] = {}
-    known = _secret_keys
     for key, value in data.items():
-        secret = known.get(key) if isinstance(key, str) else False
-        if secret is None:
-            secret = _is_secret_key(key)
-        if secret:
+        if isinstance(key, str) and _is_secret_key(key):
             redacted[key] = REDACTED
         elif type(value) is str:
             redacted[key] = _redact_field(value)

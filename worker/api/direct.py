@@ -28,13 +28,14 @@ import ssl
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
 import certifi
 
 from worker import __version__
-from worker.api.send_gate import AfterWrite, GateRefused, LastCheck
+from worker.api.send_gate import GateRefused, LastCheck, write_checked
 
 USER_AGENT = f"paypoll/{__version__}"
 #: Idle keep-alive connections kept per origin: more than any sane number of worker threads.
@@ -75,15 +76,7 @@ class _LastCheckMixin:
 
     def send(self, data: Any) -> None:
         check, self.last_check = self.last_check, None
-        after: AfterWrite = None
-        if check is not None:
-            try:
-                after = check()
-            except Exception as exc:
-                raise GateRefused(exc) from exc
-        super().send(data)  # type: ignore[misc]
-        if after is not None:
-            after()
+        write_checked(check, partial(super().send, data))  # type: ignore[misc]
 
 
 class DirectHTTPConnection(_LastCheckMixin, http.client.HTTPConnection):

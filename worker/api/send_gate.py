@@ -24,6 +24,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -49,6 +50,21 @@ AfterWrite = Callable[[], None] | None
 #: What a gate returns: nothing, or a check to run right before the first byte is written
 #: (it raises to send nothing; it may return a step to run once that write is done).
 LastCheck = Callable[[], AfterWrite] | None
+
+
+def write_checked(last_check: LastCheck, write: Callable[[], None]) -> None:
+    """``write`` the request's first bytes, with ``last_check`` (if any) run right before it
+    (raising GateRefused when it refuses: nothing written) and the step it returns (if any)
+    right after: what both gated connection classes do at their first write."""
+    after: AfterWrite = None
+    if last_check is not None:
+        try:
+            after = last_check()
+        except Exception as exc:
+            raise GateRefused(exc) from exc
+    write()
+    if after is not None:
+        after()
 
 
 @dataclass
@@ -102,15 +118,7 @@ class _GatedConnectionMixin:
 
     def send(self, data: Any) -> None:
         last_check, self._last_check = self._last_check, None
-        after: AfterWrite = None
-        if last_check is not None:
-            try:
-                after = last_check()
-            except Exception as exc:
-                raise GateRefused(exc) from exc
-        super().send(data)  # type: ignore[misc]
-        if after is not None:
-            after()
+        write_checked(last_check, partial(super().send, data))  # type: ignore[misc]
 
 
 class GatedHTTPConnection(_GatedConnectionMixin, HTTPConnection):

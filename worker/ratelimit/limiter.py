@@ -220,6 +220,17 @@ class RateLimiter:
         now = self._clock()
         return now - (booking.slot - self._offset(booking, now).high)
 
+    @staticmethod
+    def window_calls(rate: float) -> int:
+        """How many calls one 1-second window may hold at ``rate`` (at least 1)."""
+        return math.floor(rate) if rate >= 1 else 1
+
+    def window_slack(self, rate: float) -> float:
+        """The slack evenly spaced slots leave in every window: ``calls * interval - 1 s``
+        (25 ms at 5/s with a 5 ms margin; the margin's multiple, 0 without one)."""
+        calls = self.window_calls(rate)
+        return calls * self.interval(rate) - max(1.0, calls / rate)
+
     def late_limit(self, rate: float) -> float:
         """How late after its slot a call may start (seconds) before it takes a fresh slot.
 
@@ -228,8 +239,7 @@ class RateLimiter:
         window with the call ``rate`` slots after it. Half the slack is allowed for the wake-up;
         the other half is kept for the send itself.
         """
-        calls = math.floor(rate) if rate >= 1 else 1
-        slack = calls * self.interval(rate) - max(1.0, calls / rate)
+        slack = self.window_slack(rate)
         return slack / 2 if slack > 0 else math.inf
 
     def send_slack(self, rate: float) -> float:
@@ -237,9 +247,7 @@ class RateLimiter:
         window's slack less the margin (the API's clock and the path to it), ``calls *
         interval - 1 s - margin`` (20 ms at 5/s with the 5 ms margin), and never less than
         ``late_limit`` (at 1/s that difference is 0: every call would be fenced)."""
-        calls = math.floor(rate) if rate >= 1 else 1
-        slack = calls * self.interval(rate) - max(1.0, calls / rate)
-        return max(self.late_limit(rate), slack - self.margin)
+        return max(self.late_limit(rate), self.window_slack(rate) - self.margin)
 
     def fence_late_send(self, booking: Reservation, rate: float) -> bool:
         """Called once a call's first write is done: when it may have reached the wire later
@@ -257,14 +265,13 @@ class RateLimiter:
         lateness = self.lateness(booking)
         if lateness <= self.send_slack(rate):
             return False
-        calls = math.floor(rate) if rate >= 1 else 1
         raw: Any = self._fence(
             keys=[self.keys.limiter(booking.account)],
             args=[
                 math.floor(booking.slot * _MICRO),
                 math.ceil((booking.slot + lateness) * _MICRO),
                 math.ceil(self.interval(rate) * _MICRO),
-                calls,
+                self.window_calls(rate),
                 _MICRO + math.ceil(self.margin * _MICRO),
             ],
         )
