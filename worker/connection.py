@@ -137,12 +137,12 @@ def connect_redis(
             options["retry"] = retry
         return redis.Redis.from_url(url, **options)
     target = parse_sentinel_url(url)
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         target.sentinels,
         socket_timeout=min(socket_timeout, 2.0),
         socket_connect_timeout=min(connect_timeout, 2.0),
     )
-    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
         target.service,
         db=target.db,
         password=target.password,

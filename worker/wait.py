@@ -72,7 +72,7 @@ def wait_for(
         )
 
     while True:
-        pubsub = store.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        pubsub = store.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call, unused-ignore]
         try:
             pubsub.subscribe(channel)
             record = store.get(account, reference_id)

@@ -54,7 +54,7 @@ class WakeListener(threading.Thread):
 
     def run(self) -> None:
         while not self.stopping.is_set():
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call, unused-ignore]
             try:
                 pubsub.subscribe(self.channel)
                 self.subscribed.set()
