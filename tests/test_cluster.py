@@ -20,6 +20,7 @@ from worker.doctor import check_cluster
 from worker.errors import ConfigError
 from worker.events import Subscription, ensure_group
 from worker.keys import Keys
+from worker.poll_start import PollStarter
 from worker.polling.store import PlanStore
 from worker.ratelimit import RateLimiter
 from worker.relay import EventRelay
@@ -243,3 +244,22 @@ def test_doctor_checks_every_master_of_the_cluster(
     finally:
         for server in cluster.servers:
             cluster.node(server.port).config_set("appendonly", "no")
+
+
+def test_a_polls_start_and_its_slot_run_in_one_script_on_every_master(
+    cluster: ClusterTopology, client: redis.Redis, keys: Keys
+) -> None:
+    store = PaymentStore(redis=client, keys=keys)
+    limiter = RateLimiter(redis=client, keys=keys)
+    polls = PollStarter(redis_client=client, keys=keys, limiter=limiter)
+    accounts = accounts_on_every_master(cluster, keys, per_node=1)
+    for a in accounts:
+        assert store.register_tracking(a, "t1", f"pay_{a}")
+    claims = store.claim_due_many({a: 10 for a in accounts}, lease=30, batch=10)
+    assert {a: c.tracks for a, c in claims.items()} == {a: ["t1"] for a in accounts}
+    for a in accounts:
+        started = polls.start(a, "t1", owner="w1", lease=30, rate=5, max_wait=1.0)
+        assert started.record is not None and started.record.payment_id == f"pay_{a}"
+        assert started.slot is not None  # booked on the account's own node
+        assert client.exists(keys.limiter(a))
+        assert client.hget(keys.owners(a), "track:t1") == b"w1"

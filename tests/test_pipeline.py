@@ -11,7 +11,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,9 @@ from tests.prometheus_server import samples
 from tests.redis_server import free_port
 from tests.sandbox_fixture import RunningSandbox, running_sandbox
 from tests.waiting import wait_until
+from worker.poll_start import POLL_START_SOURCE
 from worker.producer import Producer
+from worker.ratelimit.limiter import RESERVE_SOURCE
 from worker.settings import load_settings
 from worker.store import FINAL, PaymentSpec, State
 
@@ -236,13 +237,19 @@ def test_tokens_expiring_every_few_seconds_cause_no_failure(
 
 
 class ReservationCounter:
-    """Counts the limiter's reservations (EVALSHA of reserve.lua) a Redis runs, with MONITOR."""
+    """Counts the slots the limiter's scripts book on a Redis, with MONITOR: a booking is the
+    one SET of a key's limiter state (``...:rl``) that reserve.lua makes, run on its own or
+    inside a poll's start (poll_start.lua). MONITOR shows a script's own commands right after
+    it, with nothing in between (Redis runs a script alone), so each SET is the last script's;
+    the fence's and the penalty's SETs are left out."""
 
     def __init__(self, redis_url: str) -> None:
-        text = resources.files("worker.ratelimit").joinpath("reserve.lua").read_text()
         self._client = redis.Redis.from_url(redis_url)
-        # Loaded before the fleet starts: a NOSCRIPT answer would show as one more EVALSHA.
-        self._prefix = f"EVALSHA {self._client.script_load(text)} "
+        # Loaded before the fleet starts: the fleet's EVALSHAs then carry these digests.
+        self._booking_scripts = {
+            self._client.script_load(RESERVE_SOURCE),
+            self._client.script_load(POLL_START_SOURCE),
+        }
         self.count = 0
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -251,13 +258,17 @@ class ReservationCounter:
         assert self._ready.wait(10), "MONITOR did not start"
 
     def _watch(self) -> None:
+        script = ""  # the digest of the last EVALSHA a client sent
         with self._client.monitor() as monitor:
             self._ready.set()
             for command in monitor.listen():
                 if self._stop.is_set():
                     return
-                if str(command.get("command", "")).startswith(self._prefix):
-                    self.count += 1
+                words = str(command.get("command", "")).split()
+                if command.get("client_type") != "lua":
+                    script = words[1] if words[:1] == ["EVALSHA"] and len(words) > 1 else ""
+                elif words[:1] == ["SET"] and words[1].endswith(":rl"):
+                    self.count += script in self._booking_scripts
 
     def stop(self) -> int:
         """Stop counting (after the commands already sent) and return the count."""
@@ -272,9 +283,10 @@ def test_far_slots_are_held_and_every_call_costs_one_reservation(
 ) -> None:
     """With max_wait 0.05 s (less than one slot of a key at 10/s) most steps find their key's
     next slot too far: it is held for the rescheduled step, which comes back and uses it
-    without a second reservation. So the limiter's reservations are exactly the calls the
-    sandbox answered, plus the slots given up because their caller got to them late (each
-    costs a fresh one). (At 0.2 s, paced dispatch sometimes found no far slot at all.)"""
+    without a second reservation. So the slots booked (by the limiter, or by a poll's start)
+    are exactly the calls the sandbox answered, plus the slots given up because their caller
+    got to them late (each costs a fresh one). (At 0.2 s, paced dispatch sometimes found no
+    far slot at all.)"""
     env = make_env(tmp_path, redis_url, sandbox, key_prefix, max_wait=0.05)
     producer = producer_for(env)
     counter = ReservationCounter(redis_url)

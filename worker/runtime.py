@@ -10,6 +10,7 @@ from redis import Redis
 from worker.api.client import ApiClient
 from worker.connection import connect_redis, is_sentinel
 from worker.keys import Keys
+from worker.poll_start import PollStarter
 from worker.polling.store import PlanCache, PlanStore
 from worker.polling.timer import PollTimer
 from worker.ratelimit import RateLimiter
@@ -31,6 +32,8 @@ class Runtime:
     schedule: PollSchedule
     plans: PlanStore
     timer: PollTimer
+    polls: PollStarter
+    """Starts track steps with their GET's slot booked in the same round trip."""
     rng: random.Random = field(default_factory=random.Random)
     identity: str = ""
     """This process's name in the heartbeat set: the owner of the steps it starts ("" for a
@@ -58,6 +61,7 @@ class Runtime:
             jitter=settings.poll_jitter,
         )
         plans = PlanStore(redis=client, keys=keys)
+        polls = PollStarter(redis_client=client, keys=keys, limiter=limiter)
         rng = random.Random()
         return cls(
             settings=settings,
@@ -69,5 +73,6 @@ class Runtime:
             schedule=schedule,
             plans=plans,
             timer=PollTimer(settings=settings, schedule=schedule, plans=PlanCache(plans), rng=rng),
+            polls=polls,
             rng=rng,
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -40,6 +40,10 @@ HOLD_LEAD = 0.9
 
 def _script_text(name: str) -> str:
     return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
+
+
+# reserve.lua's text, for scripts that book a slot in their own round trip (reserve_via).
+RESERVE_SOURCE = _script_text("reserve.lua")
 
 
 class RateLimiter:
@@ -86,7 +90,7 @@ class RateLimiter:
         self._probe_lock = threading.Lock()
         # register_script sends nothing now: calls use EVALSHA, and redis-py's Script loads the
         # text and retries once on NOSCRIPT (after SCRIPT FLUSH or a Redis restart).
-        self._reserve = redis.register_script(_script_text("reserve.lua"))
+        self._reserve = redis.register_script(RESERVE_SOURCE)
         self._penalize = redis.register_script(_script_text("penalize.lua"))
         self._fence = redis.register_script(_script_text("fence.lua"))
 
@@ -112,25 +116,46 @@ class RateLimiter:
         whether it was booked, and whether it is held (booked, but further than ``max_wait``);
         a slot further than ``max_ahead`` is not booked.
         """
+        booking = self.reserve_via(
+            lambda keys, args: self._reserve(keys=keys, args=args),
+            account,
+            rate,
+            max_wait,
+            max_ahead,
+        )
+        assert booking is not None  # reserve.lua always answers
+        return booking
+
+    def reserve_via(
+        self,
+        run: Callable[[list[str], list[int]], Sequence[Any] | None],
+        account: str,
+        rate: float,
+        max_wait: float,
+        max_ahead: float | None = None,
+    ) -> Reservation | None:
+        """``reserve``, inside a caller's own round trip: ``run(keys, args)`` sends a script
+        that runs ``RESERVE_SOURCE`` with these keys and args (with its own work, on one
+        slot of a cluster: every limiter key carries the account's hash tag) and returns that
+        part's answer, or None when its script did not book (nothing was reserved). The
+        limiter times the round trip, learns the Redis clock from it and reads the answer as
+        ``reserve`` does; None when ``run`` returned None."""
         if max_wait < 0:
             raise ValueError(f"max_wait must be >= 0, got {max_wait!r}")
         ahead = max(self.max_ahead if max_ahead is None else max_ahead, max_wait)
         # Rounded up: an interval one microsecond too long costs nothing, one too short could
         # put rate + 1 calls in a window.
         interval_us = math.ceil(self.interval(rate) * _MICRO)
-        asked_at = self._clock()
+        args = [interval_us, int(max_wait * _MICRO), int(ahead * _MICRO)]
+        keys = [self.keys.limiter(account)]
         if self.watch_master:
-            window_us = _MICRO + math.ceil(self.margin * _MICRO)
-            raw: Any = self._reserve(
-                keys=[self.keys.limiter(account), self.keys.limiter_master(account)],
-                args=[interval_us, int(max_wait * _MICRO), int(ahead * _MICRO), 1, window_us],
-            )
-        else:
-            raw = self._reserve(
-                keys=[self.keys.limiter(account)],
-                args=[interval_us, int(max_wait * _MICRO), int(ahead * _MICRO)],
-            )
+            keys.append(self.keys.limiter_master(account))
+            args += [1, _MICRO + math.ceil(self.margin * _MICRO)]
+        asked_at = self._clock()
+        raw = run(keys, args)
         answered_at = self._clock()
+        if raw is None:
+            return None
         slot_us, now_us, granted = (int(x) for x in raw)
         self.redis_clock.observe(asked_at, answered_at, now_us / _MICRO)
         wait = (slot_us - now_us) / _MICRO

@@ -34,7 +34,7 @@ def run_track(rt: Runtime, account: str, reference_id: str) -> str:
     """Poll the payment of (account, reference_id) once and schedule the next poll or finish."""
     structlog.contextvars.unbind_contextvars("payment_id")
     structlog.contextvars.bind_contextvars(account=account, reference_id=reference_id)
-    rec = begin_step(rt, "track", account, reference_id)
+    rec, hold = _start_poll(rt, account, reference_id)
     if rec is None or rec.state != State.PENDING:
         rt.store.release(account, reference_id)
         return "nothing_to_do"
@@ -50,7 +50,7 @@ def run_track(rt: Runtime, account: str, reference_id: str) -> str:
         )
     try:
         payment = rt.client.get_payment(
-            account, rec.payment_id, max_wait=rt.settings.max_wait, hold=rec.slot_hold
+            account, rec.payment_id, max_wait=rt.settings.max_wait, hold=hold
         )
     except SlotTooFar as exc:
         reschedule(rt, rec, State.PENDING, "track", exc.retry_in, hold=exc.hold)
@@ -124,6 +124,32 @@ def run_track(rt: Runtime, account: str, reference_id: str) -> str:
         )
     )
     return "polled"
+
+
+def _start_poll(
+    rt: Runtime, account: str, reference_id: str
+) -> tuple[PaymentRecord | None, float | None]:
+    """The record as the step starts and the slot its GET is to use: in a worker process, one
+    round trip owns the step, reads the record and books the key's next slot for the GET
+    (``PollStarter``); the slot an earlier run held (``slot_hold``) is taken up instead of a
+    new one. Elsewhere (no identity, or an account this process has no settings for, which
+    the GET then reports), the record only; the GET books its own slot."""
+    configured = rt.settings.accounts.get(account)
+    if not rt.identity or configured is None:
+        rec = begin_step(rt, "track", account, reference_id)
+        return rec, rec.slot_hold if rec is not None else None
+    started = rt.polls.start(
+        account,
+        reference_id,
+        owner=rt.identity,
+        lease=rt.settings.sweep_grace,
+        rate=configured.rate,
+        max_wait=rt.settings.max_wait,
+    )
+    rec = started.record
+    if rec is None:
+        return None, None
+    return rec, rec.slot_hold if rec.slot_hold is not None else started.slot
 
 
 def _learn(rt: Runtime, rec: PaymentRecord, created_at: float, moved: Transition) -> None:

@@ -32,6 +32,11 @@ def _load(name: str) -> str:
     return resources.files("worker.store").joinpath(name).read_text(encoding="utf-8")
 
 
+# start_step.lua's text, for a script that starts a step with more work in the same round trip
+# (worker/steps/poll_start.py).
+START_STEP_SOURCE = _load("start_step.lua")
+
+
 def _seconds(value: float) -> str:
     """Seconds as Lua reads them (an infinite bound as a very large one)."""
     return "1e15" if math.isinf(value) else f"{value:.6f}"
@@ -108,7 +113,7 @@ class PaymentStore:
         self._submit = redis.register_script(_load("submit.lua"))
         self._transition = redis.register_script(_load("transition.lua"))
         self._claim = redis.register_script(_load("claim.lua"))
-        self._start_step = redis.register_script(_load("start_step.lua"))
+        self._start_step = redis.register_script(START_STEP_SOURCE)
 
     # --- producers ------------------------------------------------------------------------------
     def _submit_args(self, spec: PaymentSpec) -> tuple[list[str], list[Any]]:
