@@ -159,6 +159,7 @@ def run_config(
     per_account: int,
     duration: float,
     profile: bool,
+    extra_env: dict[str, str] | None = None,
 ) -> Result:
     from worker.producer import Producer
     from worker.store import PaymentSpec
@@ -171,6 +172,7 @@ def run_config(
         "PAYPOLL_POLL_FIRST_DELAY": "0.5",
         "PAYPOLL_POLL_FACTOR": "1",
         "PAYPOLL_POLL_MAX_DELAY": "1",
+        **(extra_env or {}),
     }
     with stack(accs, account_rate=RATE, env=env, rate=RATE, pay_after="3600:7200", seed=1) as st:
         producer = Producer.from_settings(settings_for(st))
@@ -334,6 +336,13 @@ def main() -> int:
         action="store_true",
         help="with --write-docs, write only the profile section (keep the table)",
     )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the fleet (repeatable), e.g. PAYPOLL_MAX_WAIT=0.5",
+    )
     parser.add_argument("--quick", action="store_true", help="one config, 15 s")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
@@ -351,6 +360,7 @@ def main() -> int:
             per_account=args.per_account,
             duration=args.duration,
             profile=args.profile == config,
+            extra_env=dict(item.split("=", 1) for item in args.env),
         )
         print(
             f"{r.config}: {r.per_second:.0f} calls/s ({100 * r.share:.0f}% of 500), "
