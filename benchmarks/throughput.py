@@ -322,6 +322,14 @@ def render_profile(results: list[Result], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def setting(text: str) -> tuple[str, str]:
+    """One ``--env NAME=VALUE`` as (NAME, VALUE); argparse reports the error otherwise."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="2x32,3x32,2x64", help="PxT,PxT,...")
@@ -338,6 +346,7 @@ def main() -> int:
     )
     parser.add_argument(
         "--env",
+        type=setting,
         action="append",
         default=[],
         metavar="NAME=VALUE",
@@ -360,7 +369,7 @@ def main() -> int:
             per_account=args.per_account,
             duration=args.duration,
             profile=args.profile == config,
-            extra_env=dict(item.split("=", 1) for item in args.env),
+            extra_env=dict(args.env),
         )
         print(
             f"{r.config}: {r.per_second:.0f} calls/s ({100 * r.share:.0f}% of 500), "
