@@ -5,10 +5,11 @@ counts are this test's alone) and the real sandbox."""
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
+import redis
 
 from tests.counting import CountingReserve
 from tests.redis_server import RedisServer, running_redis
@@ -61,27 +62,48 @@ def in_flight(rt: Runtime, sandbox: RunningSandbox, count: int) -> list[str]:
 
 
 class SentCommands:
-    """The commands ``rt``'s client sends from now on, by name (a script by its name in
-    ``rt``): the commands still go to Redis. INFO commandstats would also count the commands
-    the scripts run inside Redis."""
+    """The commands sent to ``server`` from now until :meth:`stop`, by name (a script by its
+    name in ``rt``), as Redis's MONITOR saw them: every connection's, the lean scripts' own
+    (worker/lean_script.py) included; not the commands scripts run inside Redis."""
 
-    def __init__(self, rt: Runtime) -> None:
+    MARKER = "sent-commands-end"
+
+    def __init__(self, rt: Runtime, server: RedisServer) -> None:
         self.sent: list[str] = []
-        scripts = {
+        self._scripts = {
             rt.polls._script.sha: "poll_start",
             rt.limiter._reserve.sha: "reserve",
             rt.store._start_step.sha: "start_step",
             rt.store._transition.sha: "transition",
         }
-        client = rt.redis
-        execute = client.execute_command
+        self._marker = redis.Redis.from_url(server.url)
+        self._marker.ping()  # the marker's connection, opened (HELLO...) before MONITOR is on
+        self._client = redis.Redis.from_url(server.url)
+        self._monitor = self._client.monitor()
+        self._monitor.__enter__()  # MONITOR is on when this returns
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
-        def counted(*args: Any, **options: Any) -> Any:
-            name = str(args[0]).upper()
-            self.sent.append(scripts.get(str(args[1]), "?") if name == "EVALSHA" else name)
-            return execute(*args, **options)
+    def _read(self) -> None:
+        while True:
+            seen = self._monitor.next_command()
+            if seen.get("client_type") == "lua":
+                continue
+            words = str(seen["command"]).split()
+            if words[:2] == ["ECHO", self.MARKER]:
+                return
+            name = words[0].upper()
+            self.sent.append(self._scripts.get(words[1], "?") if name == "EVALSHA" else name)
 
-        client.execute_command = counted  # type: ignore[method-assign]
+    def stop(self) -> list[str]:
+        """The commands seen, once MONITOR has shown everything sent before this call."""
+        self._marker.echo(self.MARKER)
+        self._reader.join(10)
+        assert not self._reader.is_alive(), "MONITOR never showed the end marker"
+        self._monitor.__exit__()
+        self._client.close()
+        self._marker.close()
+        return self.sent
 
 
 def test_a_poll_books_its_slot_while_it_starts_its_step(
@@ -113,9 +135,9 @@ def test_a_worker_poll_sends_one_command_fewer_than_a_start_then_a_reservation(
         warm_up, ref = in_flight(rt, sandbox, 2)
         assert run_track(rt, CLIENT, warm_up) == "polled"  # scripts loaded, token in hand
         rt.redis.delete(rt.keys.limiter(CLIENT))  # a free key: no wait for either
-        commands = SentCommands(rt)
+        commands = SentCommands(rt, server)
         assert run_track(rt, CLIENT, ref) == "polled"
-        sent[identity or "none"] = list(commands.sent)
+        sent[identity or "none"] = commands.stop()
         rt.redis.delete(*rt.redis.keys("pp:*"))
     assert sent["none"] == ["HGETALL", "reserve", "transition"]
     assert sent["w1"] == ["poll_start", "transition"]

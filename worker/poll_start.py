@@ -25,6 +25,7 @@ import redis
 from redis.commands.core import Script
 
 from worker.keys import Keys
+from worker.lean_script import register_lean_script
 from worker.ratelimit import RateLimiter
 from worker.ratelimit.limiter import RESERVE_SOURCE
 from worker.store import PaymentRecord, State
@@ -62,7 +63,7 @@ class PollStarter:
     def __init__(self, *, redis_client: redis.Redis, keys: Keys, limiter: RateLimiter) -> None:
         self.keys = keys
         self.limiter = limiter
-        self._script: Script = redis_client.register_script(POLL_START_SOURCE)
+        self._script: Script = register_lean_script(redis_client, POLL_START_SOURCE)
 
     def start(
         self,

@@ -26,6 +26,7 @@ import redis
 from worker import defaults, metrics
 from worker.errors import SlotTooFar
 from worker.keys import Keys
+from worker.lean_script import register_lean_script
 from worker.ratelimit.redis_clock import OffsetBounds, RedisClock
 from worker.ratelimit.reservation import Reservation
 
@@ -88,11 +89,11 @@ class RateLimiter:
         self.redis_clock = RedisClock()
         self.clock_probes = 0  # TIME commands sent by probe_clock (benchmarks count commands)
         self._probe_lock = threading.Lock()
-        # register_script sends nothing now: calls use EVALSHA, and redis-py's Script loads the
-        # text and retries once on NOSCRIPT (after SCRIPT FLUSH or a Redis restart).
-        self._reserve = redis.register_script(RESERVE_SOURCE)
-        self._penalize = redis.register_script(_script_text("penalize.lua"))
-        self._fence = redis.register_script(_script_text("fence.lua"))
+        # Nothing is sent now: calls use EVALSHA, and the script is loaded and run again on
+        # NOSCRIPT (after SCRIPT FLUSH or a Redis restart). Lean: one runs per API call.
+        self._reserve = register_lean_script(redis, RESERVE_SOURCE)
+        self._penalize = register_lean_script(redis, _script_text("penalize.lua"))
+        self._fence = register_lean_script(redis, _script_text("fence.lua"))
 
     def interval(self, rate: float) -> float:
         """Seconds between two slots of a key limited to ``rate`` calls per second.

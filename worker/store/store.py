@@ -13,6 +13,7 @@ import redis
 from worker import defaults
 from worker.errors import ValidationError
 from worker.keys import Keys
+from worker.lean_script import register_lean_script
 from worker.script_batch import ScriptBatch
 from worker.store.records import PaymentRecord, PaymentSpec
 from worker.store.states import ALL_STATES, FINAL, State, sources_of
@@ -110,10 +111,11 @@ class PaymentStore:
         self.redis = redis
         self.keys = keys
         self.events_maxlen = events_maxlen
-        self._submit = redis.register_script(_load("submit.lua"))
-        self._transition = redis.register_script(_load("transition.lua"))
-        self._claim = redis.register_script(_load("claim.lua"))
-        self._start_step = redis.register_script(START_STEP_SOURCE)
+        # Lean scripts (worker/lean_script.py): a poll's outcome is one of these.
+        self._submit = register_lean_script(redis, _load("submit.lua"))
+        self._transition = register_lean_script(redis, _load("transition.lua"))
+        self._claim = register_lean_script(redis, _load("claim.lua"))
+        self._start_step = register_lean_script(redis, START_STEP_SOURCE)
 
     # --- producers ------------------------------------------------------------------------------
     def _submit_args(self, spec: PaymentSpec) -> tuple[list[str], list[Any]]:
