@@ -1,13 +1,15 @@
 """Lua scripts on the hot path, run with a Redis round trip and little else.
 
-A poll runs three scripts (its start, its outcome, dramatiq's ack) and each cost about 100 us
-of client CPU through redis-py's ``Script.__call__``, against 38 us for the same EVALSHA written
-and read on a connection the thread keeps (benchmarks/lean_script.py): redis-py checks a
-connection out of its pool and back in (a lock and a ``poll()`` readiness check each time),
-wraps the command in its retry closure and its observability hooks, and encodes each argument
-in Python. ``LeanScript`` is a ``Script`` whose call, when it can, sends the EVALSHA on a
-connection owned by the calling thread, packed by hiredis, and reads the reply with the same
-connection's parser (the same decoding, the same error replies as ``ResponseError``).
+A poll runs three scripts (its start, its outcome, dramatiq's ack). Through redis-py's
+``Script.__call__`` one costs 62 us of client CPU on one thread (86 us on eight), against 25
+(38) us for the same EVALSHA written and read on a connection the thread keeps
+(benchmarks/lean_script.py, docs/benchmarks.md): redis-py checks a connection out of its pool
+and back in (a lock and a ``poll()`` readiness check each time), wraps the command in its
+retry closure and its observability hooks, and encodes each argument in Python.
+``LeanScript`` is a ``Script`` whose call, when it can, sends the EVALSHA on a connection
+owned by the calling thread, packed by hiredis, and reads the reply with the same
+connection's parser (the same decoding, the same error replies as ``ResponseError``). In the
+fleet the saving is inside the run-to-run noise (docs/benchmarks.md, issue 14).
 
 What stays redis-py's, so the behaviour is the one it has always had:
 
