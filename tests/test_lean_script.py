@@ -37,6 +37,16 @@ def server() -> Iterator[RedisServer]:
         yield srv
 
 
+@pytest.fixture
+def client(server: RedisServer) -> Iterator[redis.Redis]:
+    """A plain client on ``server`` (the lean path's kind); its lean connections and pool
+    closed afterwards."""
+    plain = redis.Redis.from_url(server.url)
+    yield plain
+    close_lean_connections(plain)
+    plain.close()
+
+
 def _clients(srv: RedisServer) -> int:
     admin = redis.Redis.from_url(srv.url)
     try:
@@ -66,8 +76,8 @@ def test_answers_match_redis_py_script(server: RedisServer, decode: bool) -> Non
 
 def test_a_script_error_is_redis_py_s_and_the_connection_stays_usable(
     server: RedisServer,
+    client: redis.Redis,
 ) -> None:
-    client = redis.Redis.from_url(server.url)
     fail = register_lean_script(client, FAIL)
     count = register_lean_script(client, COUNT)
     with pytest.raises(redis.ResponseError, match="PAYPOLL_TEST went wrong: why"):
@@ -82,12 +92,11 @@ def test_a_script_error_is_redis_py_s_and_the_connection_stays_usable(
     with pytest.raises(redis.DataError):
         count(keys=["lean:c"], args=[None])
     assert int(client.get("lean:c") or 0) == 2
-    close_lean_connections(client)
-    client.close()
 
 
-def test_each_thread_runs_on_its_own_connection_outside_the_pool(server: RedisServer) -> None:
-    client = redis.Redis.from_url(server.url)
+def test_each_thread_runs_on_its_own_connection_outside_the_pool(
+    server: RedisServer, client: redis.Redis
+) -> None:
     count = register_lean_script(client, COUNT)
     before = _clients(server)
     for _ in range(20):
@@ -112,31 +121,25 @@ def test_each_thread_runs_on_its_own_connection_outside_the_pool(server: RedisSe
     assert client.connection_pool._created_connections == 0  # type: ignore[attr-defined]
     close_lean_connections(client)
     assert _clients(server) == before
-    client.close()
 
 
-def test_noscript_loads_the_script_and_runs_it_once(server: RedisServer) -> None:
-    client = redis.Redis.from_url(server.url)
+def test_noscript_loads_the_script_and_runs_it_once(client: redis.Redis) -> None:
     count = register_lean_script(client, COUNT)
     assert count(keys=["lean:s"]) == 1
     client.script_flush()
     assert count(keys=["lean:s"]) == 2  # NOSCRIPT: it did not run; then loaded and run once
     assert client.script_exists(count.sha) == [True]
-    close_lean_connections(client)
-    client.close()
 
 
 def test_a_restarted_server_is_reconnected_to_and_the_script_loaded(
     server: RedisServer,
+    client: redis.Redis,
 ) -> None:
-    client = redis.Redis.from_url(server.url)
     count = register_lean_script(client, COUNT)
     assert count(keys=["lean:r"]) == 1
     server.restart()  # keeps nothing: the thread's socket is dead and the script unknown
     assert count(keys=["lean:r"]) == 1
     assert int(client.get("lean:r") or 0) == 1  # run once after the restart, not twice
-    close_lean_connections(client)
-    client.close()
 
 
 def test_without_retries_a_dead_server_raises_and_a_timeout_leaves_no_stale_reply(
@@ -166,8 +169,7 @@ def _count_in_child(url: str, sha_holder: list[LeanScript], queue: multiprocessi
     queue.put(sha_holder[0](keys=["lean:f"]))
 
 
-def test_a_forked_child_makes_its_own_connection(server: RedisServer) -> None:
-    client = redis.Redis.from_url(server.url)
+def test_a_forked_child_makes_its_own_connection(server: RedisServer, client: redis.Redis) -> None:
     count = register_lean_script(client, COUNT)
     assert count(keys=["lean:f"]) == 1  # the parent's thread connection exists now
     ctx = multiprocessing.get_context("fork")
@@ -180,12 +182,11 @@ def test_a_forked_child_makes_its_own_connection(server: RedisServer) -> None:
     # The child did not use or close the parent's socket: it still answers in order.
     assert count(keys=["lean:f"]) == 3
     assert count(keys=["lean:f"]) == 4
-    close_lean_connections(client)
-    client.close()
 
 
-def test_redis_py_s_path_where_the_lean_one_does_not_apply(server: RedisServer) -> None:
-    client = redis.Redis.from_url(server.url)
+def test_redis_py_s_path_where_the_lean_one_does_not_apply(
+    server: RedisServer, client: redis.Redis
+) -> None:
     count = register_lean_script(client, COUNT)
     # A pipeline: queued with the pipeline, as redis-py's Script does.
     pipe = client.pipeline(transaction=False)
@@ -208,5 +209,3 @@ def test_redis_py_s_path_where_the_lean_one_does_not_apply(server: RedisServer) 
         assert script(keys=["lean:p"]) >= 3
         other.close()
     assert register_lean_script(client, COUNT)._channel is not None  # type: ignore[attr-defined]
-    close_lean_connections(client)
-    client.close()

@@ -45,12 +45,24 @@ from redis.exceptions import NoScriptError
 _CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 
+#: Forks of this process so far, in the child: a thread's connection made before the last
+#: fork is its parent's socket, and the child makes its own (no getpid() per call).
+_forks = 0
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
+
+
 class _ThreadConnections(threading.local):
-    """One connection per thread (``connection``), and the process that made it (``pid``):
-    a forked child makes its own instead of sharing its parent's socket."""
+    """One connection per thread (``connection``), and the ``_forks`` count it was made at."""
 
     connection: Any = None
-    pid: int = 0
+    forks: int = -1
 
 
 class _LeanChannel:
@@ -67,11 +79,10 @@ class _LeanChannel:
         it hands out: one the server closed meanwhile (a restart, an idle timeout) reads as
         EOF and is reconnected, so a command is never sent on it."""
         local = self._local
-        pid = os.getpid()
-        if local.connection is None or local.pid != pid:
+        if local.connection is None or local.forks != _forks:
             pool = self._pool
             local.connection = pool.connection_class(**pool.connection_kwargs)
-            local.pid = pid
+            local.forks = _forks
             with self._lock:
                 self._made.add(local.connection)
         connection = local.connection
@@ -132,7 +143,8 @@ def _channel_for(client: Any) -> _LeanChannel | None:
 
 
 def close_lean_connections(client: Any) -> None:
-    """Close the threads' lean connections to ``client``'s server (e.g. as a process stops)."""
+    """Close the threads' lean connections to ``client``'s server (each reconnects on its
+    next call); a process's own end closes them anyway."""
     pool = getattr(client, "connection_pool", None)
     with _channels_lock:
         channel = _channels.get(pool) if pool is not None else None
@@ -167,7 +179,7 @@ class LeanScript(Script):
         keys = keys or []
         args = tuple(args or ())
         try:
-            packed = hiredis_pack(("EVALSHA", self.sha, len(keys), *keys, *args))
+            packed = self._evalsha(keys, args)
         except TypeError:
             # An argument hiredis cannot pack (None, a bool...): redis-py's own error.
             return super().__call__(keys=keys, args=args)
@@ -183,9 +195,7 @@ class LeanScript(Script):
                 connection.send_packed_command([hiredis_pack(load)])
                 sha = connection.read_response()
                 self.sha = sha.decode() if isinstance(sha, bytes) else str(sha)
-                connection.send_packed_command(
-                    [hiredis_pack(("EVALSHA", self.sha, len(keys), *keys, *args))]
-                )
+                connection.send_packed_command([self._evalsha(keys, args)])
                 return connection.read_response()
         except redis.ResponseError:
             raise  # the script's own error (or the server's): the reply was read whole
@@ -197,6 +207,11 @@ class LeanScript(Script):
         except BaseException:
             channel.drop()  # e.g. interrupted mid-reply: the next reply would be this one's
             raise
+
+    def _evalsha(self, keys: Sequence[Any], args: tuple[Any, ...]) -> bytes:
+        """The EVALSHA of this script (its current sha) on ``keys`` and ``args``, packed."""
+        packed: bytes = hiredis_pack(("EVALSHA", self.sha, len(keys), *keys, *args))
+        return packed
 
 
 def register_lean_script(client: Any, source: str | bytes) -> Script:
