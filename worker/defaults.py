@@ -86,6 +86,14 @@ HEARTBEAT_EVERY = 1.0  # seconds between two heartbeats of a worker process
 # other during a rolling upgrade).
 SWEEPER_SHARDS = 4
 SWEEPER_SHARDS_MAX = 16384  # one shard per Redis Cluster hash slot at most
+# A worker process runs the steps its sweeper shards claim on threads of its own, with no broker
+# message per step (worker/local_steps.py), and sends only the overflow on the broker: about
+# half the worker CPU of an API call went to the message's enqueue, fetch, middleware and ack.
+LOCAL_STEPS = True
+# Threads per process for those steps: a poll holds one only while it talks to Redis or the API
+# (a few ms), never while it waits for its slot, so a few serve a process's share of many keys,
+# and fewer threads contend less for the GIL right before a send (a late send draws a 429).
+LOCAL_THREADS = 8
 SWEEP_BATCH = 500  # due steps dispatched per pass and account
 EVENTS_MAXLEN = 100_000  # approximate length cap of the events stream
 # Milliseconds an idle dramatiq worker waits on its queue before fetching again (dramatiq's

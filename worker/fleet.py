@@ -67,6 +67,7 @@ def worker_process_main(settings: Settings, threads: int, index: int) -> None:
         declare_actors,
         install_runtime,
     )
+    from worker.local_steps import LocalSteps
     from worker.logs import configure_logging
     from worker.runtime import Runtime
     from worker.store import State
@@ -105,12 +106,20 @@ def worker_process_main(settings: Settings, threads: int, index: int) -> None:
     broker = build_broker(settings)
     actors = declare_actors(broker, settings)
     install_runtime(runtime)
+    local = None
+    if settings.local_steps:
+        local = LocalSteps(
+            runtime=runtime,
+            threads=settings.local_threads,
+            actor_names={"create": CREATE_ACTOR, "track": TRACK_ACTOR},
+        )
     sweeper = SweeperThread(
         Sweeper(
             settings=settings,
             store=runtime.store,
             send=actors.send,
             send_many=actors.send_many,
+            local=local,
         ),
         redis_client=runtime.redis,
         identity=runtime.identity,
@@ -124,6 +133,8 @@ def worker_process_main(settings: Settings, threads: int, index: int) -> None:
         worker_timeout=defaults.WORKER_IDLE_FETCH_MS,
     )
     worker.start()
+    if local is not None:
+        local.start()
     outbox = None
     if settings.callback_actor and index == 0:
         # One sender per fleet is plenty (a callback is one enqueue); others take over its
@@ -160,6 +171,9 @@ def worker_process_main(settings: Settings, threads: int, index: int) -> None:
         pass
     log.info("worker.stopping", index=index, pid=os.getpid())
     sweeper.stop()
+    if local is not None:
+        # Before the broker's worker: its unstarted steps go back as due for another process.
+        local.stop()
     worker.stop(timeout=int(STOP_TIMEOUT * 1000))
     if runtime.keys.cluster:
         # On a cluster the last jobs' events wait in their accounts' outboxes for a sweep

@@ -217,3 +217,48 @@ class LeanScript(Script):
 def register_lean_script(client: Any, source: str | bytes) -> Script:
     """``client.register_script(source)``, as a ``LeanScript`` (sends nothing now)."""
     return LeanScript(client, source)
+
+
+def call_many(script: Script, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> list[Any]:
+    """Run ``script`` once per (keys, args) of ``calls``; each answer in order, or the
+    ``ResponseError`` its run raised (the others still ran).
+
+    A ``LeanScript`` on a lean client writes every EVALSHA in one write and reads the replies
+    on the thread's connection: one round trip for all (issue 14: a poll's start and its
+    outcome were a round trip each). A run Redis refused with NOSCRIPT (it did not run) is
+    made again alone, which loads the script. A connection error or timeout drops the
+    connection and is raised: none, some or all of the calls ran, as with a pipeline. Other
+    clients (Sentinel, Cluster, a pipeline's) run the calls one by one, as ``script(...)``.
+    """
+    channel = script._channel if isinstance(script, LeanScript) else None
+    if channel is None or len(calls) < 2 or not isinstance(script, LeanScript):
+        return [_call_one(script, keys, args) for keys, args in calls]
+    try:
+        packed = [script._evalsha(keys, tuple(args)) for keys, args in calls]
+    except TypeError:
+        # An argument hiredis cannot pack: each call alone gives redis-py's own error.
+        return [_call_one(script, keys, args) for keys, args in calls]
+    connection = channel.connection()
+    replies: list[Any] = []
+    try:
+        connection.send_packed_command(packed)
+        for _ in packed:
+            try:
+                replies.append(connection.read_response())
+            except redis.ResponseError as exc:  # its reply was read whole: go on
+                replies.append(exc)
+    except BaseException:
+        channel.drop()  # the rest of the replies are unread: the connection's state is lost
+        raise
+    return [
+        _call_one(script, keys, args) if isinstance(reply, NoScriptError) else reply
+        for reply, (keys, args) in zip(replies, calls, strict=True)
+    ]
+
+
+def _call_one(script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    """``script(keys, args)``, its ResponseError as the answer."""
+    try:
+        return script(keys=keys, args=args)
+    except redis.ResponseError as exc:
+        return exc

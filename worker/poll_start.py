@@ -17,6 +17,7 @@ slot of its own; a step that then finds its tracking deadline passed leaves its 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -25,9 +26,9 @@ import redis
 from redis.commands.core import Script
 
 from worker.keys import Keys
-from worker.lean_script import register_lean_script
+from worker.lean_script import call_many, register_lean_script
 from worker.ratelimit import RateLimiter
-from worker.ratelimit.limiter import RESERVE_SOURCE
+from worker.ratelimit.limiter import RESERVE_SOURCE, BookingRequest
 from worker.store import PaymentRecord, State
 from worker.store.store import START_STEP_SOURCE
 
@@ -78,25 +79,58 @@ class PollStarter:
         """Start the in-flight track step of (account, reference_id) as ``owner`` (as
         ``PaymentStore.start_step`` does) and book ``account``'s next slot for its GET at
         ``rate`` (as ``RateLimiter.reserve`` does with ``max_wait``)."""
-        k = self.keys
-        answer: list[Any] = []
+        request = self.limiter.booking_request(account, rate, max_wait)
+        asked_at = self.limiter.clock()
+        call = self._call(request, reference_id, owner, lease)
+        raw = self._script(keys=call["keys"], args=call["args"])
+        return self._read(request, raw, asked_at, self.limiter.clock())
 
-        def run(slot_keys: list[str], slot_args: list[int]) -> list[Any] | None:
-            raw: Any = self._script(
-                keys=[
-                    k.inflight(account, "track"),
-                    k.owners(account),
-                    k.payment(account, reference_id),
-                    *slot_keys,
-                ],
-                args=[reference_id, "track", owner, lease, State.PENDING.value, *slot_args],
-            )
-            answer.extend(raw)
-            return list(raw[2:5]) if len(raw) > 2 else None
+    def start_many(
+        self,
+        polls: Sequence[tuple[str, str, float]],
+        *,
+        owner: str,
+        lease: float,
+        max_wait: float,
+    ) -> list[PollStart | Exception]:
+        """:meth:`start` for each (account, reference_id, rate) of ``polls``, in one round
+        trip where the client allows (``lean_script.call_many``); each start, or the error
+        its script raised. A connection error is raised: none, some or all of them ran."""
+        requests = [self.limiter.booking_request(a, rate, max_wait) for a, _, rate in polls]
+        calls = []
+        for request, (_, reference_id, _) in zip(requests, polls, strict=True):
+            call = self._call(request, reference_id, owner, lease)
+            calls.append((call["keys"], call["args"]))
+        asked_at = self.limiter.clock()
+        answers = call_many(self._script, calls)
+        answered_at = self.limiter.clock()
+        return [
+            raw if isinstance(raw, Exception) else self._read(request, raw, asked_at, answered_at)
+            for request, raw in zip(requests, answers, strict=True)
+        ]
 
-        booking = self.limiter.reserve_via(run, account, rate, max_wait)
-        flat = answer[1]
-        raw = dict(zip(flat[::2], flat[1::2], strict=True))
-        record = PaymentRecord.from_hash(raw) if raw else None
-        slot = booking.slot if booking is not None and booking.granted else None
+    def _call(
+        self, request: BookingRequest, reference_id: str, owner: str, lease: float
+    ) -> dict[str, list[Any]]:
+        k, account = self.keys, request.account
+        return {
+            "keys": [
+                k.inflight(account, "track"),
+                k.owners(account),
+                k.payment(account, reference_id),
+                *request.keys,
+            ],
+            "args": [reference_id, "track", owner, lease, State.PENDING.value, *request.args],
+        }
+
+    def _read(
+        self, request: BookingRequest, raw: Sequence[Any], asked_at: float, answered_at: float
+    ) -> PollStart:
+        flat = raw[1]
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        record = PaymentRecord.from_hash(fields) if fields else None
+        slot = None
+        if len(raw) > 2:
+            booking = self.limiter.read_booking(request, raw[2:5], asked_at, answered_at)
+            slot = booking.slot if booking.granted else None
         return PollStart(record, slot)

@@ -317,6 +317,8 @@ class Settings:
     sweep_grace: float = defaults.SWEEP_GRACE
     dead_after: float = defaults.DEAD_AFTER
     sweeper_shards: int = defaults.SWEEPER_SHARDS
+    local_steps: bool = defaults.LOCAL_STEPS
+    local_threads: int = defaults.LOCAL_THREADS
     events_maxlen: int = defaults.EVENTS_MAXLEN
     callback_actor: str = ""
     webhook_url: str = ""
@@ -469,6 +471,14 @@ ENV_HELP: dict[str, tuple[Callable[[str], Any], str]] = {
     "sweeper_shards": (
         _parse_shards,
         "Sweeper leases accounts are split among by hash slot (1: one sweeper for the fleet)",
+    ),
+    "local_steps": (
+        _parse_bool,
+        "Run the steps a process's sweeper shards claim in that process (no broker message)",
+    ),
+    "local_threads": (
+        _parse_positive_int,
+        "Threads per worker process running its local steps (they never wait for a slot)",
     ),
     "events_maxlen": (_parse_positive_int, "Approximate cap of the events stream"),
     "callback_actor": (

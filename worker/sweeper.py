@@ -40,6 +40,7 @@ import structlog
 
 from worker import defaults, metrics
 from worker.lease import Lease
+from worker.local_steps import LocalSteps
 from worker.polling.allocation import POLICIES_WITH_PLAN
 from worker.polling.planner import PollPlanner
 from worker.polling.store import PlanStore
@@ -108,6 +109,7 @@ class Sweeper:
         send_many: Callable[[Sequence[tuple[str, str, str]]], None] | None = None,
         batch: int = defaults.SWEEP_BATCH,
         accounts: Collection[str] | None = None,
+        local: LocalSteps | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -115,6 +117,8 @@ class Sweeper:
         # A pass's messages in one round trip (Actors.send_many), when given.
         self.send_many = send_many
         self.batch = batch
+        # Runs what it claims in this process while it has room (worker/local_steps.py).
+        self.local = local
         # The accounts it sweeps: its shard's (default: every configured account).
         self._accounts = list(settings.accounts if accounts is None else accounts)
         self.planner: PollPlanner | None = None
@@ -142,6 +146,7 @@ class Sweeper:
             send_many=self.send_many,
             batch=self.batch,
             accounts=accounts,
+            local=self.local,
         )
 
     def dead_workers(self) -> list[str]:
@@ -170,7 +175,12 @@ class Sweeper:
             waiting = {a: self._creates_waiting.get(a, False) for a in budgets}
             paces = self.planner.quotas(waiting, woken=woken)
         claims = self.store.claim_due_many(
-            budgets, lease=s.sweep_grace, batch=self.batch, paces=paces, dead=self.dead_workers()
+            budgets,
+            lease=s.sweep_grace,
+            batch=self.batch,
+            paces=paces,
+            dead=self.dead_workers(),
+            claimer=self.local.owner if self.local is not None else "",
         )
         per_account: list[list[tuple[str, str, str]]] = []
         for account, claim in claims.items():
@@ -204,6 +214,8 @@ class Sweeper:
             for step in group
             if step is not None
         ]
+        if self.local is not None:
+            ordered = self.local.offer(ordered)
         if self.send_many is not None:
             self.send_many(ordered)
         else:

@@ -18,6 +18,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -45,6 +46,17 @@ def _script_text(name: str) -> str:
 
 # reserve.lua's text, for scripts that book a slot in their own round trip (reserve_via).
 RESERVE_SOURCE = _script_text("reserve.lua")
+
+
+@dataclass(frozen=True)
+class BookingRequest:
+    """``RESERVE_SOURCE``'s keys and arguments for one booking (``RateLimiter.booking_request``)."""
+
+    account: str
+    keys: list[str]
+    args: list[int]
+    max_wait: float
+    ahead: float
 
 
 class RateLimiter:
@@ -141,6 +153,20 @@ class RateLimiter:
         part's answer, or None when its script did not book (nothing was reserved). The
         limiter times the round trip, learns the Redis clock from it and reads the answer as
         ``reserve`` does; None when ``run`` returned None."""
+        request = self.booking_request(account, rate, max_wait, max_ahead)
+        asked_at = self._clock()
+        raw = run(request.keys, request.args)
+        answered_at = self._clock()
+        if raw is None:
+            return None
+        return self.read_booking(request, raw, asked_at, answered_at)
+
+    def booking_request(
+        self, account: str, rate: float, max_wait: float, max_ahead: float | None = None
+    ) -> BookingRequest:
+        """The keys and arguments of ``RESERVE_SOURCE`` that book ``account``'s next slot (for
+        a caller that sends the script itself, several in one round trip: ``read_booking``
+        reads each answer)."""
         if max_wait < 0:
             raise ValueError(f"max_wait must be >= 0, got {max_wait!r}")
         ahead = max(self.max_ahead if max_ahead is None else max_ahead, max_wait)
@@ -152,22 +178,25 @@ class RateLimiter:
         if self.watch_master:
             keys.append(self.keys.limiter_master(account))
             args += [1, _MICRO + math.ceil(self.margin * _MICRO)]
-        asked_at = self._clock()
-        raw = run(keys, args)
-        answered_at = self._clock()
-        if raw is None:
-            return None
+        return BookingRequest(account, keys, args, max_wait, ahead)
+
+    def read_booking(
+        self, request: BookingRequest, raw: Sequence[Any], asked_at: float, answered_at: float
+    ) -> Reservation:
+        """The reservation ``RESERVE_SOURCE`` answered ``raw`` for ``request``, in a round trip
+        sent at ``asked_at`` and answered at ``answered_at`` (this limiter's clock, ``clock``):
+        the round trip teaches the clock model."""
         slot_us, now_us, granted = (int(x) for x in raw)
         self.redis_clock.observe(asked_at, answered_at, now_us / _MICRO)
         wait = (slot_us - now_us) / _MICRO
         if granted == 1:
             retry_in = 0.0
         elif granted == 2:  # held: come back as early as the caller may sleep for it
-            retry_in = max(0.0, wait - HOLD_LEAD * max_wait)
+            retry_in = max(0.0, wait - HOLD_LEAD * request.max_wait)
         else:
-            retry_in = max(0.0, wait - ahead / 2)
+            retry_in = max(0.0, wait - request.ahead / 2)
         return Reservation(
-            account=account,
+            account=request.account,
             slot=slot_us / _MICRO,
             now=now_us / _MICRO,
             wait=wait,
@@ -177,6 +206,11 @@ class RateLimiter:
             answered_at=answered_at,
             held=granted == 2,
         )
+
+    def clock(self) -> float:
+        """This limiter's clock (``time.monotonic`` unless given): what ``read_booking``'s
+        ``asked_at`` and ``answered_at`` are read on."""
+        return self._clock()
 
     def held(self, account: str, slot: float) -> Reservation | None:
         """The reservation of a slot booked earlier and held (``SlotTooFar.hold``), placed by
@@ -211,6 +245,17 @@ class RateLimiter:
             answered_at=now,
             held=True,
         )
+
+    def until(self, slot: float) -> float:
+        """Seconds from now (this process's clock) to the latest local time at which ``slot``
+        (Redis clock) can fall, by the clock model: when a caller that must never be early
+        may start for it (negative: past). 0.0 while the process has no clock model yet
+        (the call's own path then places the slot). No command."""
+        now = self._clock()
+        bounds = self.redis_clock.bounds(now)
+        if bounds is None:
+            return 0.0
+        return slot - bounds.low - now
 
     def _offset(self, booking: Reservation, now: float) -> OffsetBounds:
         """Bounds on ``redis - local`` at local time ``now``: the clock model's, which always

@@ -13,7 +13,7 @@ import structlog
 from worker import metrics
 from worker.errors import ApiError
 from worker.runtime import Runtime
-from worker.store import PaymentRecord, State, Transition
+from worker.store import PaymentRecord, State, Transition, TransitionWrite
 from worker.store.states import API_TERMINAL
 
 log = structlog.get_logger("paypoll.steps")
@@ -88,6 +88,44 @@ def hold_fields(rec: PaymentRecord, hold: float | None = None) -> dict[str, str]
     return {"slot_hold": ""} if rec.slot_hold is not None else {}
 
 
+def reschedule_write(
+    rt: Runtime,
+    rec: PaymentRecord,
+    state: State,
+    step: str,
+    delay: float,
+    *,
+    guard: tuple[str, str] | None = None,
+    fields: dict[str, str | int | float] | None = None,
+    increments: dict[str, int] | None = None,
+    hold: float | None = None,
+) -> TransitionWrite:
+    """The transition that keeps the payment in ``state`` and makes its next ``step`` due
+    ``delay`` seconds from now (what :func:`reschedule` writes).
+
+    ``hold`` is the rate-limit slot held for that step (``SlotTooFar.hold``); any hold the
+    record had is dropped otherwise (a hold is for the run right after the reschedule).
+    """
+    return TransitionWrite(
+        rec.account,
+        rec.reference_id,
+        state,
+        {
+            "sources": [state],
+            "next_step": step,
+            "delay": delay,
+            "guard": guard,
+            "fields": {**(fields or {}), **hold_fields(rec, hold)},
+            "increments": increments,
+            # A retry is never pulled forward: not before its delay. A step that holds a slot
+            # is claimed at its time outside the poll pace and the in-flight budget: its call
+            # is booked already, and a hold claimed late is wasted.
+            "not_before": rt.timer.pull_after(delay),
+            "holds_slot": hold is not None,
+        },
+    )
+
+
 def reschedule(
     rt: Runtime,
     rec: PaymentRecord,
@@ -100,27 +138,9 @@ def reschedule(
     increments: dict[str, int] | None = None,
     hold: float | None = None,
 ) -> Transition:
-    """Keep the payment in ``state`` and make its next ``step`` due ``delay`` seconds from now.
-
-    ``hold`` is the rate-limit slot held for that step (``SlotTooFar.hold``); any hold the
-    record had is dropped otherwise (a hold is for the run right after the reschedule).
-    """
-    fields = {**(fields or {}), **hold_fields(rec, hold)}
-    return persist(
-        lambda: rt.store.transition(
-            rec.account,
-            rec.reference_id,
-            state,
-            sources=[state],
-            next_step=step,
-            delay=delay,
-            guard=guard,
-            fields=fields,
-            increments=increments,
-            # A retry is never pulled forward: not before its delay. A step that holds a slot
-            # is claimed at its time outside the poll pace and the in-flight budget: its call
-            # is booked already, and a hold claimed late is wasted.
-            not_before=rt.timer.pull_after(delay),
-            holds_slot=hold is not None,
-        )
+    """Keep the payment in ``state`` and make its next ``step`` due ``delay`` seconds from now
+    (:func:`reschedule_write`, written now)."""
+    write = reschedule_write(
+        rt, rec, state, step, delay, guard=guard, fields=fields, increments=increments, hold=hold
     )
+    return persist(lambda: rt.store.write(write))

@@ -6,6 +6,8 @@ teaches the key's completion model when it completed (between the last pending p
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import redis
 import structlog
@@ -21,20 +23,49 @@ from worker.steps.outcomes import (
     log,
     persist,
     record_move,
-    reschedule,
+    reschedule_write,
 )
-from worker.store import PaymentRecord, State, Transition
+from worker.store import PaymentRecord, State, Transition, TransitionWrite
 from worker.store.states import API_TERMINAL, from_api_status
 from worker.store.store import NOW
 
 KNOWN_STATUSES = frozenset({"pending"} | {s.value for s in API_TERMINAL})
 
 
+@dataclass(frozen=True)
+class Poll:
+    """A poll ready to send: the record as its step started, and the slot its GET is to use
+    (``hold``, Redis clock; None: the GET books its own)."""
+
+    rec: PaymentRecord
+    hold: float | None
+    created_at: float
+    deadline: float
+
+
 def run_track(rt: Runtime, account: str, reference_id: str) -> str:
     """Poll the payment of (account, reference_id) once and schedule the next poll or finish."""
+    poll = start_poll(rt, account, reference_id)
+    return poll if isinstance(poll, str) else send_poll(rt, poll)
+
+
+def start_poll(rt: Runtime, account: str, reference_id: str) -> Poll | str:
+    """A poll's first half: own the step, read the record, book the GET's slot. The poll to
+    send (:func:`send_poll`, at its slot), or the outcome when there is nothing to send (the
+    payment is not pending, or its tracking deadline passed). Binds the payment's log
+    context."""
     structlog.contextvars.unbind_contextvars("payment_id")
     structlog.contextvars.bind_contextvars(account=account, reference_id=reference_id)
     rec, hold = _start_poll(rt, account, reference_id)
+    return begin_poll(rt, account, reference_id, rec, hold)
+
+
+def begin_poll(
+    rt: Runtime, account: str, reference_id: str, rec: PaymentRecord | None, hold: float | None
+) -> Poll | str:
+    """The poll of a track step started with record ``rec`` and slot ``hold`` (None: the GET
+    books its own), or the outcome when there is nothing to send. Binds ``payment_id`` to the
+    log context (the caller binds the account and the reference)."""
     if rec is None or rec.state != State.PENDING:
         rt.store.release(account, reference_id)
         return "nothing_to_do"
@@ -48,15 +79,57 @@ def run_track(rt: Runtime, account: str, reference_id: str) -> str:
             State.TRACKING_TIMEOUT,
             f"not terminal {rt.settings.tracking_timeout:g}s after create",
         )
+    return Poll(rec, hold, created_at, deadline)
+
+
+def slot_for(rec: PaymentRecord | None, booked: float | None) -> float | None:
+    """The slot a poll's GET uses: the one an earlier run held for it, else ``booked``."""
+    if rec is not None and rec.slot_hold is not None:
+        return rec.slot_hold
+    return booked
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a poll's answer leaves: the transition to write, the job's outcome label, and
+    what follows once the write is made (metrics, logs, learning), given its answer."""
+
+    label: str
+    write: TransitionWrite
+    after: Callable[[Transition], None] | None = None
+
+
+def send_poll(rt: Runtime, poll: Poll) -> str:
+    """A poll's second half: the GET (waiting for its slot), then its outcome stored and the
+    next poll scheduled; the outcome's label. Expects the log context :func:`start_poll`
+    bound."""
+    return write_outcome(rt, answer_poll(rt, poll))
+
+
+def write_outcome(rt: Runtime, outcome: Outcome) -> str:
+    """Write ``outcome`` now (retrying while Redis is away), run what follows it; its label."""
+    moved = persist(lambda: rt.store.write(outcome.write))
+    if outcome.after is not None:
+        outcome.after(moved)
+    return outcome.label
+
+
+def answer_poll(rt: Runtime, poll: Poll) -> Outcome:
+    """The GET of ``poll`` (waiting for its slot) and the outcome it leaves, not written yet
+    (:func:`send_poll` writes it at once; worker/local_steps.py batches the writes)."""
+    rec, hold, created_at, deadline = poll.rec, poll.hold, poll.created_at, poll.deadline
+    account = rec.account
     try:
         payment = rt.client.get_payment(
             account, rec.payment_id, max_wait=rt.settings.max_wait, hold=hold
         )
     except SlotTooFar as exc:
-        reschedule(rt, rec, State.PENDING, "track", exc.retry_in, hold=exc.hold)
-        return "far_slot"
+        return Outcome(
+            "far_slot",
+            reschedule_write(rt, rec, State.PENDING, "track", exc.retry_in, hold=exc.hold),
+        )
     except NotFound as exc:
-        return _end_track(rt, rec, State.FAILED, describe(exc))
+        return _ending(rt, rec, State.FAILED, describe(exc))
     except ApiError as exc:
         # A GET changes nothing: every failure is retried, with backoff, until the deadline.
         # Consecutive failures so far, read with the record: the reschedule below counts this
@@ -69,61 +142,76 @@ def run_track(rt: Runtime, account: str, reference_id: str) -> str:
             cap=rt.settings.poll_max_delay,
             retry_after=exc.retry_after,
         )
-        reschedule(
-            rt,
-            rec,
-            State.PENDING,
-            "track",
-            min(delay, max(deadline - time.time(), 0)),
-            fields={"last_error": describe(exc)},
-            increments={"errors": 1},
+        return Outcome(
+            "retry",
+            reschedule_write(
+                rt,
+                rec,
+                State.PENDING,
+                "track",
+                min(delay, max(deadline - time.time(), 0)),
+                fields={"last_error": describe(exc)},
+                increments={"errors": 1},
+            ),
         )
-        return "retry"
 
     status = payment.status
     terminal = from_api_status(status)
     if terminal is not None:
-        moved = persist(
-            lambda: rt.store.transition(
+
+        def after_final(moved: Transition) -> None:
+            record_move(rt, rec, terminal, moved)
+            if moved.moved:
+                _learn(rt, rec, created_at, moved)
+
+        return Outcome(
+            terminal.value,
+            TransitionWrite(
                 account,
-                reference_id,
+                rec.reference_id,
                 terminal,
-                sources=[State.PENDING],
-                next_step="",
-                fields={"api_status": status, "errors": 0, "last_error": "", "polled_at": NOW},
-                increments={"polls": 1},
-            )
+                {
+                    "sources": [State.PENDING],
+                    "next_step": "",
+                    "fields": {
+                        "api_status": status,
+                        "errors": 0,
+                        "last_error": "",
+                        "polled_at": NOW,
+                    },
+                    "increments": {"polls": 1},
+                },
+            ),
+            after_final,
         )
-        record_move(rt, rec, terminal, moved)
-        if moved.moved:
-            _learn(rt, rec, created_at, moved)
-        return terminal.value
     if status.lower() not in KNOWN_STATUSES:
         # api-contract.md: new statuses can appear without a version bump. Keep polling.
         metrics.record_unknown_status(account)
         log.warning("payment.unknown_status", status=status[:64])
     delay = rt.timer.after_poll(account, age=time.time() - created_at, polls=rec.polls + 1)
     delay = min(delay, max(deadline - time.time(), 0.0))
-    persist(
-        lambda: rt.store.transition(
+    return Outcome(
+        "polled",
+        TransitionWrite(
             account,
-            reference_id,
+            rec.reference_id,
             State.PENDING,
-            sources=[State.PENDING],
-            next_step="track",
-            delay=delay,
-            not_before=rt.timer.pull_after(),
-            fields={
-                "api_status": status,
-                "errors": 0,
-                "last_error": "",
-                "polled_at": NOW,
-                **hold_fields(rec),
+            {
+                "sources": [State.PENDING],
+                "next_step": "track",
+                "delay": delay,
+                "not_before": rt.timer.pull_after(),
+                "fields": {
+                    "api_status": status,
+                    "errors": 0,
+                    "last_error": "",
+                    "polled_at": NOW,
+                    **hold_fields(rec),
+                },
+                "increments": {"polls": 1},
             },
-            increments={"polls": 1},
-        )
+        ),
     )
-    return "polled"
 
 
 def _start_poll(
@@ -137,7 +225,7 @@ def _start_poll(
     configured = rt.settings.accounts.get(account)
     if not rt.identity or configured is None:
         rec = begin_step(rt, "track", account, reference_id)
-        return rec, rec.slot_hold if rec is not None else None
+        return rec, slot_for(rec, None)
     started = rt.polls.start(
         account,
         reference_id,
@@ -146,10 +234,7 @@ def _start_poll(
         rate=configured.rate,
         max_wait=rt.settings.max_wait,
     )
-    rec = started.record
-    if rec is None:
-        return None, None
-    return rec, rec.slot_hold if rec.slot_hold is not None else started.slot
+    return started.record, slot_for(started.record, started.slot)
 
 
 def _learn(rt: Runtime, rec: PaymentRecord, created_at: float, moved: Transition) -> None:
@@ -164,17 +249,21 @@ def _learn(rt: Runtime, rec: PaymentRecord, created_at: float, moved: Transition
         log.warning("planner.observe_failed", error=str(exc))
 
 
-def _end_track(rt: Runtime, rec: PaymentRecord, target: State, error: str) -> str:
-    moved = persist(
-        lambda: rt.store.transition(
-            rec.account,
-            rec.reference_id,
-            target,
-            sources=[State.PENDING],
-            next_step="",
-            fields={"last_error": error},
-        )
+def _ending(rt: Runtime, rec: PaymentRecord, target: State, error: str) -> Outcome:
+    """The outcome that ends tracking in ``target`` (404, the deadline) with ``error``."""
+
+    def after(moved: Transition) -> None:
+        record_move(rt, rec, target, moved)
+        log.warning("track.ended", state=target.value, error=error)
+
+    write = TransitionWrite(
+        rec.account,
+        rec.reference_id,
+        target,
+        {"sources": [State.PENDING], "next_step": "", "fields": {"last_error": error}},
     )
-    record_move(rt, rec, target, moved)
-    log.warning("track.ended", state=target.value, error=error)
-    return target.value
+    return Outcome(target.value, write, after)
+
+
+def _end_track(rt: Runtime, rec: PaymentRecord, target: State, error: str) -> str:
+    return write_outcome(rt, _ending(rt, rec, target, error))

@@ -9,7 +9,7 @@ its schedule and the events stream never disagree.
 
 from worker.store.records import PaymentRecord, PaymentSpec
 from worker.store.states import ACTIVE, API_TERMINAL, FINAL, State
-from worker.store.store import Claim, PaymentStore, TrackPace, Transition
+from worker.store.store import Claim, PaymentStore, TrackPace, Transition, TransitionWrite
 
 __all__ = [
     "ACTIVE",
@@ -22,4 +22,5 @@ __all__ = [
     "State",
     "TrackPace",
     "Transition",
+    "TransitionWrite",
 ]

@@ -13,7 +13,7 @@ import redis
 from worker import defaults
 from worker.errors import ValidationError
 from worker.keys import Keys
-from worker.lean_script import register_lean_script
+from worker.lean_script import call_many, register_lean_script
 from worker.script_batch import ScriptBatch
 from worker.store.records import PaymentRecord, PaymentSpec
 from worker.store.states import ALL_STATES, FINAL, State, sources_of
@@ -69,6 +69,35 @@ class Transition:
     attempts: int = 0
 
 
+def read_transition(reply: Sequence[Any]) -> Transition:
+    """The :class:`Transition` a transition.lua reply says."""
+    code = int(reply[0])
+    if code == -1:
+        return Transition(moved=False, previous="")
+    if code == 0:
+        return Transition(moved=False, previous=_text(reply[1]))
+    return Transition(
+        moved=True,
+        previous=_text(reply[1]),
+        now=float(reply[2]),
+        submitted_at=float(reply[3]) if reply[3] else None,
+        polls=int(reply[4]),
+        attempts=int(reply[5]),
+    )
+
+
+@dataclass(frozen=True)
+class TransitionWrite:
+    """A transition to write (:meth:`PaymentStore.write`): :meth:`PaymentStore.transition`'s
+    arguments, as data, so that a step can decide its outcome and leave the write to a batch."""
+
+    account: str
+    reference_id: str
+    target: State
+    #: the keyword arguments of :meth:`PaymentStore.transition`
+    options: dict[str, Any]
+
+
 @dataclass(frozen=True)
 class Claim:
     """Steps of one account claimed for dispatch by :meth:`PaymentStore.claim_due`."""
@@ -116,6 +145,7 @@ class PaymentStore:
         self._transition = register_lean_script(redis, _load("transition.lua"))
         self._claim = register_lean_script(redis, _load("claim.lua"))
         self._start_step = register_lean_script(redis, START_STEP_SOURCE)
+        self._put_back = redis.register_script(_load("put_back.lua"))
 
     # --- producers ------------------------------------------------------------------------------
     def _submit_args(self, spec: PaymentSpec) -> tuple[list[str], list[Any]]:
@@ -261,6 +291,55 @@ class PaymentStore:
         it is claimed when due outside the pace (polls' or creates') and the in-flight budget,
         and never pulled. Atomic; an event is appended to the stream when the state changes.
         """
+        keys, args = self.transition_call(
+            account,
+            reference_id,
+            target,
+            sources=sources,
+            next_step=next_step,
+            delay=delay,
+            fields=fields,
+            increments=increments,
+            guard=guard,
+            operator=operator,
+            not_before=not_before,
+            holds_slot=holds_slot,
+        )
+        return read_transition(self._transition(keys=keys, args=args))
+
+    def write(self, write: TransitionWrite) -> Transition:
+        """:meth:`transition` with the arguments of ``write``."""
+        return self.transition(write.account, write.reference_id, write.target, **write.options)
+
+    def write_many(self, writes: Sequence[TransitionWrite]) -> list[Transition | Exception]:
+        """Each of ``writes``, as :meth:`write` would make it, in one round trip where the
+        client allows (worker/lean_script.py's ``call_many``); each answer, or the error of a
+        script that failed (a connection error is raised: none, some or all of them ran)."""
+        calls = [
+            self.transition_call(w.account, w.reference_id, w.target, **w.options) for w in writes
+        ]
+        return [
+            answer if isinstance(answer, Exception) else read_transition(answer)
+            for answer in call_many(self._transition, calls)
+        ]
+
+    def transition_call(
+        self,
+        account: str,
+        reference_id: str,
+        target: State,
+        *,
+        sources: Iterable[State] | None = None,
+        next_step: str = "",
+        delay: float = 0.0,
+        fields: Mapping[str, str | int | float] | None = None,
+        increments: Mapping[str, int] | None = None,
+        guard: tuple[str, str] | None = None,
+        operator: bool = False,
+        not_before: float | None = None,
+        holds_slot: bool = False,
+    ) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of :meth:`transition`'s script for these arguments."""
         allowed = (
             list(sources) if sources is not None else sorted(sources_of(target, operator=operator))
         )
@@ -298,20 +377,7 @@ class PaymentStore:
             args += [name, amount]
         for name, value in (fields or {}).items():
             args += [name, value]
-        reply = self._transition(keys=keys, args=args)
-        code = int(reply[0])
-        if code == -1:
-            return Transition(moved=False, previous="")
-        if code == 0:
-            return Transition(moved=False, previous=_text(reply[1]))
-        return Transition(
-            moved=True,
-            previous=_text(reply[1]),
-            now=float(reply[2]),
-            submitted_at=float(reply[3]) if reply[3] else None,
-            polls=int(reply[4]),
-            attempts=int(reply[5]),
-        )
+        return keys, args
 
     def release(self, account: str, reference_id: str) -> None:
         """Forget a dispatched step that found nothing to do (its payment is already final)."""
@@ -319,6 +385,19 @@ class PaymentStore:
         for step in STEPS:
             pipe.zrem(self.keys.inflight(account, step), reference_id)
         pipe.execute()
+
+    def put_back(self, account: str, step: str, references: Sequence[str], *, owner: str) -> int:
+        """Put the in-flight ``step`` of each of ``references`` back as due now, where
+        ``owner`` still owns it (claimed, never started); the number put back."""
+        if not references:
+            return 0
+        k = self.keys
+        return int(
+            self._put_back(
+                keys=[k.inflight(account, step), k.due(account, step), k.owners(account)],
+                args=[step, owner, *references],
+            )
+        )
 
     def claim_due(
         self,
@@ -352,10 +431,13 @@ class PaymentStore:
         batch: int,
         paces: Mapping[str, TrackPace] | None = None,
         dead: Iterable[str] = (),
+        claimer: str = "",
     ) -> dict[str, Claim]:
         """:meth:`claim_due` for several accounts (account -> budget, and account -> pace when
         the planner paces polls) in one round trip. Steps owned by a process in ``dead``
-        (stopped heartbeating) go back to due first."""
+        (stopped heartbeating) go back to due first. ``claimer``: the worker process that
+        claims (and runs what it can itself, worker/local_steps.py) owns the claimed steps from
+        the claim on, until a worker's ``start_step`` takes them; "" leaves them unowned."""
         dead_arg = ",".join(dead)
         k = self.keys
         calls = ScriptBatch(self.redis)
@@ -383,6 +465,7 @@ class PaymentStore:
                     1 if pace.pull else 0,
                     pace.creates,
                     dead_arg,
+                    claimer,
                 ],
             )
         claims = {}
