@@ -69,7 +69,7 @@ ROOM_PER_THREAD = 128
 # A process whose oldest step has waited this long to start is behind: the next passes send
 # their steps on the broker, for the rest of the fleet, until it catches up.
 BEHIND_AFTER = 0.25  # seconds: a sweep pass
-START_BATCH = 256  # most polls started in one round trip
+START_BATCH = 32  # most polls started in one round trip: a batch is set on the timer within a few ms of its booking, so its first slots are not missed
 # Seconds the outcomes of answered polls gather before one round trip writes them all: a
 # payment's outcome is stored at most this much later, for a write per batch, not per poll.
 WRITE_EVERY = 0.05
@@ -181,11 +181,13 @@ class LocalSteps:
         back = self._put_back(left)
         deadline = time.monotonic() + timeout
         for thread in [*self._threads, self._timer]:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.ident is not None:  # started
+                thread.join(max(0.0, deadline - time.monotonic()))
         # The writer goes last: the threads' last outcomes reach it before it ends.
         with self._lock:
             self._writer_cv.notify_all()
-        self._writer.join(max(0.0, deadline - time.monotonic()))
+        if self._writer.ident is not None:
+            self._writer.join(max(0.0, deadline - time.monotonic()))
         return back
 
     # --- the stages -----------------------------------------------------------------------------
