@@ -18,8 +18,9 @@ Here, in the process whose sweeper claimed them:
    one round trip (``PaymentStore.write_many``), and what follows each (metrics, logs, the
    completion model) runs after its write.
 
-Creates run whole on the threads (``run_create``: few, and their at-most-once mark wants one
-thread from the slot to the send).
+Creates stay on the broker: few, and their at-most-once mark wants one thread from the slot
+to the send, which sleeps there (run here, a burst of creates held every thread asleep, the
+process fell behind and its polls spilled onto the broker, where each met a far slot).
 
 Durability is the store's, as it was the message's: a claimed step is in flight with a lease,
 and claim.lua makes the claiming process its owner (``claim_due_many(claimer=...)``), so if
@@ -41,7 +42,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import redis
@@ -50,7 +51,7 @@ import structlog
 from worker import metrics
 from worker.errors import PaypollError
 from worker.runtime import Runtime
-from worker.steps import run_create, run_track
+from worker.steps import run_track
 from worker.steps.outcomes import REDIS_RETRY_FOR
 from worker.steps.track import Outcome, Poll, answer_poll, begin_poll, slot_for
 from worker.store import Transition
@@ -69,7 +70,9 @@ ROOM_PER_THREAD = 128
 # A process whose oldest step has waited this long to start is behind: the next passes send
 # their steps on the broker, for the rest of the fleet, until it catches up.
 BEHIND_AFTER = 0.25  # seconds: a sweep pass
-START_BATCH = 32  # most polls started in one round trip: a batch is set on the timer within a few ms of its booking, so its first slots are not missed
+# Most polls started in one round trip: a batch is on the timer within a few ms of its
+# booking, so its first slots are not missed.
+START_BATCH = 32
 # Seconds the outcomes of answered polls gather before one round trip writes them all: a
 # payment's outcome is stored at most this much later, for a write per batch, not per poll.
 WRITE_EVERY = 0.05
@@ -117,7 +120,6 @@ class LocalSteps:
         self._timer_cv = threading.Condition(self._lock)  # a sooner timer, or stopping
         self._writer_cv = threading.Condition(self._lock)  # an outcome to write, or stopping
         self._due: deque[_Work] = deque()  # polls at their slot: before anything else
-        self._creates: deque[_Work] = deque()
         self._tracks: deque[_Work] = deque()  # to start
         self._timers: list[tuple[float, int, _Work]] = []  # (time.monotonic() due, seq, work)
         self._answered: list[_Work] = []  # to write
@@ -138,28 +140,32 @@ class LocalSteps:
             thread.start()
 
     def offer(self, steps: Sequence[Step]) -> list[Step]:
-        """Take as many of ``steps`` as there is room for, in order; the rest, to send on the
-        broker. Everything is returned once the process is stopping."""
+        """Take as many of the tracks of ``steps`` as there is room for, in order; the rest
+        (and every create), in order, to send on the broker. Everything is returned once the
+        process is stopping."""
         now = time.perf_counter()
+        rest: list[Step] = []
         with self._lock:
             if self._stopping:
                 return list(steps)
-            waiting = len(self._creates) + len(self._tracks)
-            oldest = min((q[0].queued_at for q in (self._creates, self._tracks) if q), default=now)
-            behind = now - oldest > BEHIND_AFTER
-            taken = 0 if behind else max(0, min(self._room - waiting, len(steps)))
-            for step, account, reference_id in steps[:taken]:
-                work = _Work(step, account, reference_id, now, now)
-                (self._creates if step == "create" else self._tracks).append(work)
+            behind = bool(self._tracks) and now - self._tracks[0].queued_at > BEHIND_AFTER
+            room = 0 if behind else self._room - len(self._tracks)
+            taken = 0
+            for step in steps:
+                if step[0] == "track" and taken < room:
+                    self._tracks.append(_Work(*step, offered=now, queued_at=now))
+                    taken += 1
+                else:
+                    rest.append(step)
             self._work_cv.notify(taken)
-        return list(steps[taken:])
+        return rest
 
     def waiting(self) -> dict[str, int]:
         """How many steps are at each stage: to start, waiting for their slot, at their slot,
         answered and not written yet."""
         with self._lock:
             return {
-                "to_start": len(self._creates) + len(self._tracks),
+                "to_start": len(self._tracks),
                 "at_timer": len(self._timers),
                 "due": len(self._due),
                 "to_write": len(self._answered),
@@ -171,9 +177,8 @@ class LocalSteps:
         put back."""
         with self._lock:
             self._stopping = True
-            left = [*self._creates, *self._tracks, *self._due]
-            left += [work for _, _, work in self._timers]
-            for queue in (self._creates, self._tracks, self._due):
+            left = [*self._tracks, *self._due, *(work for _, _, work in self._timers)]
+            for queue in (self._tracks, self._due):
                 queue.clear()
             self._timers.clear()
             for cv in (self._work_cv, self._timer_cv, self._writer_cv):
@@ -195,12 +200,10 @@ class LocalSteps:
     def _work(self) -> None:
         while True:
             with self._lock:
-                while not (self._due or self._creates or self._tracks or self._stopping):
+                while not (self._due or self._tracks or self._stopping):
                     self._work_cv.wait()
                 if self._due:
                     batch = [self._due.popleft()]
-                elif self._creates:
-                    batch = [self._creates.popleft()]
                 elif self._tracks:
                     batch = [
                         self._tracks.popleft() for _ in range(min(START_BATCH, len(self._tracks)))
@@ -209,8 +212,6 @@ class LocalSteps:
                     return
             if batch[0].poll is not None:
                 self._send(batch[0])
-            elif batch[0].step == "create":
-                self._run_whole(batch[0])
             else:
                 self._start(batch)
 
@@ -358,15 +359,15 @@ class LocalSteps:
     # --- helpers --------------------------------------------------------------------------------
 
     def _run_whole(self, work: _Work, *, counted: bool = False) -> None:
-        """Run a step start to end on this thread, as the broker's actor would."""
+        """Run a track start to end on this thread, as the broker's actor would (the GET
+        books and waits for its own slot here)."""
         actor = self._actor_names[work.step]
         if not counted:
             metrics.job_started(actor)
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(actor=actor, local=True)
-        run: Callable[[Runtime, str, str], str] = run_create if work.step == "create" else run_track
         try:
-            outcome = run(self.rt, work.account, work.reference_id)
+            outcome = run_track(self.rt, work.account, work.reference_id)
         except Exception as exc:
             self._failed(work, exc)
         else:
