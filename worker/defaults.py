@@ -101,6 +101,9 @@ EVENTS_MAXLEN = 100_000  # approximate length cap of the events stream
 # 250 put about 125 ms on an idle key's create (issue 12's wait floor is 150 ms + the API's
 # answer); 50 costs one Redis round trip per idle consumer every 50 ms.
 WORKER_IDLE_FETCH_MS = 50
+# The same for the track queue when processes run their polls locally (PAYPOLL_LOCAL_STEPS):
+# it carries only a busy process's overflow, which may wait a second for another process.
+OVERFLOW_IDLE_FETCH_MS = 1000
 
 # --- webhooks (worker/webhooks/) --------------------------------------------------------------
 # Sent by default: the hosted url is known (created), the three final answers, and the states

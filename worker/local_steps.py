@@ -63,7 +63,7 @@ Step = tuple[str, str, str]
 STOP_TIMEOUT = 10.0  # seconds stop() waits for the running steps (each has its own timeouts)
 # Seconds before its slot that a poll is handed to a thread: the hand-over and the request's
 # preparation fit in it, and the call's own gate sleeps the rest (never early).
-SLOT_LEAD = 0.004
+SLOT_LEAD = 0.0005
 # Steps that may wait to start, per thread: more than a pass claims for a process's share of
 # many keys (the in-flight budgets bound them anyway; waiting to start holds no slot).
 ROOM_PER_THREAD = 128

@@ -18,15 +18,16 @@ bounds are those of the round trip itself: never worse than using that one answe
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from typing import NamedTuple
 
 #: How fast the offset may move, seconds per second: above NTP's 500 ppm maximum slew.
 DRIFT = 1e-3
 
 
-@dataclass(frozen=True, slots=True)
-class OffsetBounds:
-    """``low <= redis - local <= high``, as known at local time ``at``."""
+class OffsetBounds(NamedTuple):
+    """``low <= redis - local <= high``, as known at local time ``at``. A named tuple: made a
+    dozen times per API call, and half the cost of a frozen dataclass (0.48 against 0.87 us
+    to make one here)."""
 
     low: float
     high: float
