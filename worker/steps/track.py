@@ -173,12 +173,7 @@ def answer_poll(rt: Runtime, poll: Poll) -> Outcome:
                 {
                     "sources": [State.PENDING],
                     "next_step": "",
-                    "fields": {
-                        "api_status": status,
-                        "errors": 0,
-                        "last_error": "",
-                        "polled_at": NOW,
-                    },
+                    "fields": _answered(status),
                     "increments": {"polls": 1},
                 },
             ),
@@ -201,17 +196,16 @@ def answer_poll(rt: Runtime, poll: Poll) -> Outcome:
                 "next_step": "track",
                 "delay": delay,
                 "not_before": rt.timer.pull_after(),
-                "fields": {
-                    "api_status": status,
-                    "errors": 0,
-                    "last_error": "",
-                    "polled_at": NOW,
-                    **hold_fields(rec),
-                },
+                "fields": {**_answered(status), **hold_fields(rec)},
                 "increments": {"polls": 1},
             },
         ),
     )
+
+
+def _answered(status: str) -> dict[str, str | int | float]:
+    """The record fields every answered poll writes: the status seen, errors cleared."""
+    return {"api_status": status, "errors": 0, "last_error": "", "polled_at": NOW}
 
 
 def _start_poll(

@@ -22,9 +22,10 @@
 -- ARGV[8] worker processes that stopped heartbeating, comma separated ('' for none): the
 --         steps they own go back to due now, whatever their lease (PAYPOLL_DEAD_AFTER)
 -- KEYS[8] held creates (ZSET ref -> due time of a create holding a rate-limit slot)
--- ARGV[9] the worker process that claims (the sweeper's, which runs what it claims itself when
---         it can: worker/local_steps.py): it owns the claimed steps from now, so they go back
---         to due within PAYPOLL_DEAD_AFTER if it dies before a worker starts them ('' for none)
+-- ARGV[9] the worker process that claims (the sweeper's, which runs the tracks it claims itself
+--         when it can: worker/local_steps.py): it owns the claimed tracks from now, so they go
+--         back to due within PAYPOLL_DEAD_AFTER if it dies before a worker starts them ('' for
+--         none). Creates go on the broker: unowned until a worker starts them.
 -- KEYS[9] the account's event outbox (a stream, written instead of the events stream on Redis
 --         Cluster; empty on one Redis): its length tells the sweeper to relay it
 -- Returns {now, recovered, most_overdue_seconds, {create refs}, {track refs}, creates still due,
@@ -183,12 +184,12 @@ else
     pull(room)
   end
 end
--- A fresh dispatch is owned by the claiming process (ARGV[9]), else by nobody until a worker
--- starts it.
+-- A fresh track is owned by the claiming process (ARGV[9]), any other fresh dispatch by nobody
+-- until a worker starts it.
 local claimer = ARGV[9] or ''
 for k, step in ipairs({'create', 'track'}) do
   for _, ref in ipairs(claimed[k]) do
-    if claimer ~= '' then
+    if claimer ~= '' and step == 'track' then
       redis.call('HSET', KEYS[7], step .. ':' .. ref, claimer)
     else
       redis.call('HDEL', KEYS[7], step .. ':' .. ref)

@@ -436,8 +436,9 @@ class PaymentStore:
         """:meth:`claim_due` for several accounts (account -> budget, and account -> pace when
         the planner paces polls) in one round trip. Steps owned by a process in ``dead``
         (stopped heartbeating) go back to due first. ``claimer``: the worker process that
-        claims (and runs what it can itself, worker/local_steps.py) owns the claimed steps from
-        the claim on, until a worker's ``start_step`` takes them; "" leaves them unowned."""
+        claims (and runs the tracks it can itself, worker/local_steps.py) owns the claimed
+        tracks from the claim on, until a worker's ``start_step`` takes them; creates, and
+        every step with "", are unowned until started."""
         dead_arg = ",".join(dead)
         k = self.keys
         calls = ScriptBatch(self.redis)
