@@ -30,8 +30,8 @@ again). A process that stops puts what it has not sent back as due at once (``pu
 and writes what it has answered.
 
 Room: at most ``ROOM_PER_THREAD`` steps per thread wait to start; a process whose oldest one
-has waited ``BEHIND_AFTER`` is behind, and the passes send their steps on the broker, for any
-process of the fleet, until it catches up: a fleet with more processes than sweeper shards, or
+has waited ``BEHIND_AFTER`` (2 s) is behind, and the passes send their steps on the broker,
+for any process of the fleet, until it catches up: a fleet with more processes than sweeper shards, or
 a shard busier than its leader can serve, still spreads its work.
 """
 
@@ -68,8 +68,11 @@ SLOT_LEAD = 0.0005
 # many keys (the in-flight budgets bound them anyway; waiting to start holds no slot).
 ROOM_PER_THREAD = 128
 # A process whose oldest step has waited this long to start is behind: the next passes send
-# their steps on the broker, for the rest of the fleet, until it catches up.
-BEHIND_AFTER = 0.25  # seconds: a sweep pass
+# their steps on the broker, for the rest of the fleet, until it catches up. Long enough that a
+# pause (a profiler's samples, a host's stolen CPU, a GC) does not spill polls: on the broker
+# each books a slot the local ones already hold and comes back as a far slot (0.25 s here
+# turned a profiled run's 10 far slots into 629).
+BEHIND_AFTER = 2.0  # seconds
 # Most polls started in one round trip: a batch is on the timer within a few ms of its
 # booking, so its first slots are not missed.
 START_BATCH = 32
