@@ -62,8 +62,10 @@ log = structlog.get_logger("paypoll.local_steps")
 Step = tuple[str, str, str]
 STOP_TIMEOUT = 10.0  # seconds stop() waits for the running steps (each has its own timeouts)
 # Seconds before its slot that a poll is handed to a thread: the hand-over and the request's
-# preparation fit in it, and the call's own gate sleeps the rest (never early).
-SLOT_LEAD = 0.0005
+# preparation fit in it, and the call's own gate sleeps the rest, so the send's time is the
+# sleep's, not the hand-over's (a 0.5 ms lead saved a sleep per call but drew five 429s in nine
+# benchmark runs, none in three at 4 ms: docs/benchmarks.md).
+SLOT_LEAD = 0.004
 # Steps that may wait to start, per thread: more than a pass claims for a process's share of
 # many keys (the in-flight budgets bound them anyway; waiting to start holds no slot).
 ROOM_PER_THREAD = 128
