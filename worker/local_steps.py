@@ -31,8 +31,8 @@ and writes what it has answered.
 
 Room: at most ``ROOM_PER_THREAD`` steps per thread wait to start; a process whose oldest one
 has waited ``BEHIND_AFTER`` (2 s) is behind, and the passes send their steps on the broker,
-for any process of the fleet, until it catches up: a fleet with more processes than sweeper shards, or
-a shard busier than its leader can serve, still spreads its work.
+for any process of the fleet, until it catches up: a fleet with more processes than sweeper
+shards, or a shard busier than its leader can serve, still spreads its work.
 """
 
 from __future__ import annotations
