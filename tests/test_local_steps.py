@@ -6,11 +6,13 @@ limit of 5 per key in any 1-second window)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 
 import pytest
 import redis
+from prometheus_client import REGISTRY
 
 from tests.redis_server import RedisServer, running_redis
 from tests.sandbox_fixture import RunningSandbox, running_sandbox
@@ -19,10 +21,12 @@ from worker.lean_script import call_many, register_lean_script
 from worker.local_steps import LocalSteps
 from worker.runtime import Runtime
 from worker.settings import Account, Secret, Settings
-from worker.store import State, TransitionWrite
+from worker.store import PaymentSpec, State, TransitionWrite
+from worker.sweeper import Sweeper
 
 CLIENT, SECRET = "acme", "acme-secret"
 ACTORS = {"create": "paypoll_create", "track": "paypoll_track"}
+SAMPLE, ROUTES = "paypoll_local_steps_total", ("local", "spilled")
 
 
 @pytest.fixture
@@ -235,3 +239,39 @@ def test_write_many_writes_each_transition_as_write_does(
         assert record is not None and record.polls == 1
         due = rt.redis.zscore(rt.keys.due(CLIENT, "track"), ref)
         assert due is not None and due > time.time() + 3
+
+
+def test_a_sweeper_pass_runs_its_tracks_here_and_sends_its_creates_on(
+    server: RedisServer, sandbox: RunningSandbox
+) -> None:
+    rt = build(server, sandbox, identity="sweeping")
+    refs = claimed(rt, sandbox, 3)
+    rt.store.put_back(CLIENT, "track", refs, owner="sweeping")  # due again, for the pass
+    assert rt.store.submit(
+        PaymentSpec(
+            account=CLIENT,
+            reference_id="new-order",
+            amount="5",
+            currency="USD",
+            redirect_url="https://shop.test/ok",
+        )
+    )
+    sent: list[tuple[str, str, str]] = []
+    local = LocalSteps(runtime=rt, threads=1, actor_names=ACTORS)  # not started: keeps them
+    # The backoff policy claims every due track (the planner paces them to the key's budget).
+    settings = dataclasses.replace(rt.settings, poll_policy="backoff")
+    sweeper = Sweeper(
+        settings=settings, store=rt.store, send=lambda *s: sent.append(s), local=local
+    )
+    before = {r: REGISTRY.get_sample_value(SAMPLE, {"route": r}) or 0.0 for r in ROUTES}
+    result = sweeper.run_pass()
+    assert (result.dispatched_creates, result.dispatched_tracks) == (1, 3)
+    assert sent == [("create", CLIENT, "new-order")]
+    assert local.waiting()["to_start"] == 3
+    after = {r: REGISTRY.get_sample_value(SAMPLE, {"route": r}) or 0.0 for r in ROUTES}
+    assert after["local"] - before["local"] == 3 and after["spilled"] == before["spilled"]
+    # The tracks are this process's from the claim; the create is nobody's until started.
+    owners = rt.redis.hgetall(rt.keys.owners(CLIENT))
+    assert {f"track:{ref}".encode() for ref in refs} <= set(owners)
+    assert b"create:new-order" not in owners
+    local.stop()

@@ -407,12 +407,30 @@ SWEEPER_PASS_ACCOUNTS = Counter(
 )
 
 
+LOCAL_STEPS = Counter(
+    "paypoll_local_steps_total",
+    "Tracks a sweeper pass claimed, by where they went: local (run by the claiming process, "
+    "worker/local_steps.py) or spilled (sent on the broker: no room, or the process is behind)",
+    ["route"],
+)
+
+
+def record_local_steps(*, local: int, spilled: int) -> None:
+    """A pass ran ``local`` of its claimed tracks in its process and spilled ``spilled``."""
+    if local:
+        LOCAL_STEPS.labels("local").inc(local)
+    if spilled:
+        LOCAL_STEPS.labels("spilled").inc(spilled)
+
+
 def prime_sweeper(shards: int) -> None:
     """Every shard's series at 0 from a process's start (see :func:`prime_accounts`)."""
     for shard in range(shards):
         SWEEPER_SHARD_LEADER.labels(str(shard)).set(0)
         SWEEPER_PASS_SECONDS.labels(str(shard))
         SWEEPER_PASS_ACCOUNTS.labels(str(shard))
+    for route in ("local", "spilled"):
+        LOCAL_STEPS.labels(route)
 
 
 def record_shard_leader(shard: int, *, leading: bool) -> None:

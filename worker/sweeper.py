@@ -215,7 +215,10 @@ class Sweeper:
             if step is not None
         ]
         if self.local is not None:
+            tracks = result.dispatched_tracks
             ordered = self.local.offer(ordered)
+            spilled = sum(1 for step in ordered if step[0] == "track")
+            metrics.record_local_steps(local=tracks - spilled, spilled=spilled)
         if self.send_many is not None:
             self.send_many(ordered)
         else:
