@@ -11,7 +11,6 @@ front (a thread relaying a TLS socket to the sandbox) with a certificate openssl
 
 from __future__ import annotations
 
-import http.client
 import socket
 import ssl
 import subprocess
@@ -19,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -31,6 +29,7 @@ from worker.api import ApiClient
 from worker.api.direct import (
     DirectHTTPConnection,
     DirectTransport,
+    HTTPConnection,
     _LastCheckMixin,
     default_ssl_context,
 )
@@ -122,13 +121,13 @@ def test_a_slow_new_connection_is_made_before_the_slot_not_after_it(
     transport.close()
 
 
-class _StallBeforeWrite(http.client.HTTPConnection):
+class _StallBeforeWrite(HTTPConnection):
     """Sleeps ``stall_next`` seconds (once) right before its write: a thread losing the CPU
     (the GIL, a stolen vCPU) between the slot's last check and the write."""
 
     stall_next = 0.0
 
-    def send(self, data: Any) -> None:
+    def send(self, data: bytes) -> None:
         stall, type(self).stall_next = type(self).stall_next, 0.0
         if stall:
             time.sleep(stall)

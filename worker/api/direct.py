@@ -1,12 +1,13 @@
-"""The API calls' hot path: HTTP/1.1 exchanges on pooled ``http.client`` keep-alive connections.
+"""The API calls' hot path: HTTP/1.1 exchanges on pooled keep-alive connections of our own.
 
 A GET through requests costs about 0.46 ms of client CPU here, through urllib3's pool 0.25 ms,
-on a bare ``http.client`` connection 0.12 ms (docs/benchmarks.md, issue 14): requests' session
-and adapter layers, urllib3's Retry/Timeout objects and response wrapper are most of a poll's
-HTTP cost, and paypoll uses none of what they add (no redirects, no cookies, no retries, no
-content decoding). So a call that reaches the API directly goes out here; a call through a
-proxy, or on a Session a caller handed to the client, still goes through requests
-(worker/api/transport.py).
+on a bare ``http.client`` connection 0.12 ms, written as one ``sendall`` and read with ``recv``
+(worker/api/http1.py) 0.035 ms (docs/benchmarks.md, issue 14): requests' session and adapter
+layers, urllib3's Retry/Timeout objects and response wrapper, http.client's header-by-header
+request and ``email``-parsed answers are most of a poll's HTTP cost, and paypoll uses none of
+what they add (no redirects, no cookies, no retries, no content decoding). So a call that
+reaches the API directly goes out here; a call through a proxy, or on a Session a caller
+handed to the client, still goes through requests (worker/api/transport.py).
 
 What the exchange keeps from the requests path, because the invariants rest on it:
 
@@ -18,23 +19,27 @@ What the exchange keeps from the requests path, because the invariants rest on i
   first write raises ``ExchangeFailed``: the request may have reached the API;
 - connect and read timeouts apart, TLS verified against the CA bundle requests would use
   (``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``, else certifi's), a bounded body read.
+
+A pooled connection the server has closed meanwhile (its keep-alive timeout) shows as readable
+before reuse; it is dropped and a new one made, before the gate, so a create is not written
+into a socket that can only answer with a reset (an ambiguous create).
 """
 
 from __future__ import annotations
 
-import http.client
 import os
+import select
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from functools import partial
-from typing import Any
 from urllib.parse import urlsplit
 
 import certifi
 
 from worker import __version__
+from worker.api.http1 import Answer, AnswerReader, encode_request, host_header
 from worker.api.send_gate import GateRefused, LastCheck, write_checked
 
 USER_AGENT = f"paypoll/{__version__}"
@@ -59,13 +64,62 @@ class ExchangeFailed(Exception):
         self.timed_out = isinstance(reason, TimeoutError)
 
 
-@dataclass(frozen=True)
-class Answer:
-    """A complete answer: ``body`` is None when it was longer than the exchange's limit."""
+class HTTPConnection:
+    """One keep-alive HTTP/1.1 connection to ``host``:``port``, made by ``connect`` (within
+    ``timeout`` seconds); ``sock`` is None until then and after ``close``."""
 
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes | None
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.timeout: float | None = None
+        self.sock: socket.socket | None = None
+        self.reader: AnswerReader | None = None
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.host, self.port), self.timeout)
+        try:
+            # The request goes out in one write; Nagle would only delay a second one.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = self.secure(sock)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock, self.reader = sock, AnswerReader(sock)
+
+    def secure(self, sock: socket.socket) -> socket.socket:
+        """The socket the exchanges use: this one, in plain HTTP."""
+        return sock
+
+    def send(self, data: bytes) -> None:
+        assert self.sock is not None, "send on a connection not connected"
+        self.sock.sendall(data)
+
+    def dropped(self) -> bool:
+        """True when the idle connection is unusable: closed by the server, or holding bytes
+        nobody asked for. An idle keep-alive socket is readable only then."""
+        if self.sock is None:
+            return True
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    def close(self) -> None:
+        sock, self.sock, self.reader = self.sock, None, None
+        if sock is not None:
+            sock.close()
+
+
+class HTTPSConnection(HTTPConnection):
+    """The same over TLS, verified against ``context`` (the handshake is part of ``connect``)."""
+
+    def __init__(self, host: str, port: int, *, context: ssl.SSLContext) -> None:
+        super().__init__(host, port)
+        self.context = context
+
+    def secure(self, sock: socket.socket) -> socket.socket:
+        return self.context.wrap_socket(sock, server_hostname=self.host)
 
 
 class _LastCheckMixin:
@@ -74,17 +128,17 @@ class _LastCheckMixin:
 
     last_check: LastCheck = None
 
-    def send(self, data: Any) -> None:
+    def send(self, data: bytes) -> None:
         check, self.last_check = self.last_check, None
         write_checked(check, partial(super().send, data))  # type: ignore[misc]
 
 
-class DirectHTTPConnection(_LastCheckMixin, http.client.HTTPConnection):
-    """An http.client connection that runs the gate's last check at its first write."""
+class DirectHTTPConnection(_LastCheckMixin, HTTPConnection):
+    """A connection that runs the gate's last check at its first write."""
 
 
-class DirectHTTPSConnection(_LastCheckMixin, http.client.HTTPSConnection):
-    """The same over TLS (the handshake is part of ``connect``)."""
+class DirectHTTPSConnection(_LastCheckMixin, HTTPSConnection):
+    """The same over TLS."""
 
 
 def default_ssl_context() -> ssl.SSLContext:
@@ -96,19 +150,19 @@ def default_ssl_context() -> ssl.SSLContext:
 class _OriginPool:
     """Idle connections to one origin, most recently used first (the warmest socket)."""
 
-    def __init__(self, make: Callable[[], http.client.HTTPConnection], maxsize: int) -> None:
+    def __init__(self, make: Callable[[], HTTPConnection], maxsize: int) -> None:
         self._make = make
         self._maxsize = maxsize
-        self._idle: list[http.client.HTTPConnection] = []
+        self._idle: list[HTTPConnection] = []
         self._lock = threading.Lock()
 
-    def take(self) -> http.client.HTTPConnection:
+    def take(self) -> HTTPConnection:
         with self._lock:
             if self._idle:
                 return self._idle.pop()
         return self._make()
 
-    def give_back(self, connection: http.client.HTTPConnection) -> None:
+    def give_back(self, connection: HTTPConnection) -> None:
         with self._lock:
             if len(self._idle) < self._maxsize:
                 self._idle.append(connection)
@@ -158,7 +212,7 @@ class DirectTransport:
                 self._pools[key] = pool
             return pool
 
-    def _connection(self, scheme: str, host: str, port: int) -> http.client.HTTPConnection:
+    def _connection(self, scheme: str, host: str, port: int) -> HTTPConnection:
         if scheme == "https":
             with self._lock:
                 if self._ssl_context is None:
@@ -196,10 +250,23 @@ class DirectTransport:
         scheme = parts.scheme
         if scheme not in ("http", "https") or not parts.hostname:
             raise ConnectFailed(ValueError(f"not an http(s) URL: scheme {scheme!r}"))
-        port = parts.port or (443 if scheme == "https" else 80)
+        default_port = 443 if scheme == "https" else 80
+        port = parts.port or default_port
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        all_headers = {"Accept-Encoding": "identity", **headers}
+        if self._user_agent:
+            all_headers = {"User-Agent": self._user_agent, **all_headers}
+        try:
+            request = encode_request(
+                method, target, host_header(parts.hostname, port, default_port), all_headers, body
+            )
+        except ValueError as exc:
+            raise ConnectFailed(exc) from exc  # nothing can be written: as if never connected
         pool = self._pool(scheme, parts.hostname, port)
         connection = pool.take()
+        while connection.sock is not None and connection.dropped():
+            connection.close()  # the server closed it while idle: the next pooled one, or a new
+            connection = pool.take()
         if connection.sock is None:
             connection.timeout = connect_timeout
             try:
@@ -217,37 +284,24 @@ class DirectTransport:
                 raise GateRefused(exc) from exc
             connection.last_check = last_check  # type: ignore[attr-defined]
         try:
-            connection.putrequest(method, target)
-            if self._user_agent:
-                connection.putheader("User-Agent", self._user_agent)
-            for name, value in headers.items():
-                connection.putheader(name, value)
-            if body is not None:
-                connection.putheader("Content-Length", str(len(body)))
-            # Headers and a bytes body go out in one write (http.client joins them).
-            connection.endheaders(body)
+            connection.send(request)  # the request, body included, in one write
         except GateRefused:
-            connection.close()  # nothing written, but http.client is mid-request: start over
+            pool.give_back(connection)  # the last check refused: nothing was written
             raise
         except Exception as exc:
             connection.close()
             raise ExchangeFailed(exc) from exc
         try:
-            response = connection.getresponse()
-            data = response.read(limit + 1)
+            assert connection.reader is not None
+            answer = connection.reader.read(limit, head_only=method == "HEAD")
         except Exception as exc:
             connection.close()
             raise ExchangeFailed(exc) from exc
-        complete = response.isclosed() and len(data) <= limit
-        if complete and not response.will_close:
+        if answer.reusable:
             pool.give_back(connection)
         else:
             connection.close()  # the server closes it, or the rest of a long body is unread
-        return Answer(
-            status=response.status,
-            headers=response.getheaders(),
-            body=data if len(data) <= limit else None,
-        )
+        return answer
 
 
 _process_lock = threading.Lock()
