@@ -11,9 +11,12 @@ import redis
 
 from tests.counting import CountingReserve
 from tests.redis_server import running_redis
+from tests.waiting import wait_until
+from worker import metrics
 from worker.errors import SlotTooFar
 from worker.keys import Keys
 from worker.ratelimit import RateLimiter, Reservation
+from worker.ratelimit.limiter import Granted
 
 RATE = 5.0
 MARGIN = 0.005
@@ -465,3 +468,28 @@ def test_a_late_send_fences_the_key_by_its_lateness(
     # The fence read its own lateness a moment after this one: at least as late.
     assert lateness - 0.020 - 1e-6 <= after - before <= lateness - 0.020 + 0.010
     assert after - before >= 0.040 - 1e-6
+
+
+def test_slots_booked_before_a_late_write_are_given_up_behind_it(
+    limiter: RateLimiter, redis_client: redis.Redis, keys: Keys
+) -> None:
+    # Six slots booked back to back (local steps book a poll's slot when they start it), then
+    # the first call's write is 60 ms late. The fence cannot move the five booked after it
+    # (it moves nothing: the slot it would move is booked already); sent in its slot, the
+    # fifth would be the sixth call in the late call's window, a 429. This process gives
+    # that one up at its last check; the four between keep theirs.
+    bookings = [limiter.reserve("acme", 5.0, 2.0) for _ in range(6)]
+    assert all(b.granted for b in bookings)
+    wait_until(lambda: limiter.lateness(bookings[0]) > 0.060, timeout=2, what="60 ms late")
+    assert not limiter.fence_late_send(bookings[0], 5.0)
+    late_before = metrics.LIMITER_LATE.labels("acme")._value.get()
+    behind = [Granted(limiter, b, 5.0, 0.0).late() for b in bookings[1:]]
+    assert behind == [False, False, False, False, True]
+    assert metrics.LIMITER_LATE.labels("acme")._value.get() - late_before == 1
+    # The next booking, the sixth after the late call, is clear of its window.
+    after = limiter.reserve("acme", 5.0, 5.0)
+    assert after.slot == pytest.approx(bookings[0].slot + 6 * 0.205, abs=1e-5)
+    assert not limiter.behind_late_write(after, 5.0)
+    # Another process (another limiter) did not see the late write: only the fence reaches it.
+    elsewhere = RateLimiter(redis=redis_client, keys=keys, margin=MARGIN, max_wait=1.0)
+    assert not elsewhere.behind_late_write(bookings[5], 5.0)

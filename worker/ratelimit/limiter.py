@@ -101,6 +101,9 @@ class RateLimiter:
         self.redis_clock = RedisClock()
         self.clock_probes = 0  # TIME commands sent by probe_clock (benchmarks count commands)
         self._probe_lock = threading.Lock()
+        # account -> (slot, latest it reached the wire) of this process's latest late write,
+        # Redis clock: the slots the fence cannot move (booked before it) are checked here.
+        self._late_writes: dict[str, tuple[float, float]] = {}
         # Nothing is sent now: calls use EVALSHA, and the script is loaded and run again on
         # NOSCRIPT (after SCRIPT FLUSH or a Redis restart). Lean: one runs per API call.
         self._reserve = register_lean_script(redis, RESERVE_SOURCE)
@@ -336,6 +339,7 @@ class RateLimiter:
         lateness = self.lateness(booking)
         if lateness <= self.send_slack(rate):
             return False
+        self._late_writes[booking.account] = (booking.slot, booking.slot + lateness)
         raw: Any = self._fence(
             keys=[self.keys.limiter(booking.account)],
             args=[
@@ -348,6 +352,29 @@ class RateLimiter:
         )
         metrics.record_late_send(booking.account)
         return int(raw[2]) == 1
+
+    def behind_late_write(self, booking: Reservation, rate: float) -> bool:
+        """True when ``booking``'s slot, booked before a late write of this process on the same
+        key fenced it, now falls in that write's window with ``calls`` others: sending in it
+        would be a 429. The fence moves the key's next free slot for every process, but not
+        slots already booked (local steps book a poll's slot when they start it, up to
+        ``max_ahead`` before); the caller gives such a slot up, as it does one it is late for.
+        Checked in this process only (no Redis command): a booking another process holds is
+        not seen here."""
+        late = self._late_writes.get(booking.account)
+        if late is None:
+            return False
+        late_slot, sent = late
+        if booking.slot <= late_slot:
+            return False
+        if booking.slot >= sent + 1.0 + self.margin - 1e-6:  # (1 us: the script rounds up)
+            if booking.slot - late_slot > 2 * self.max_ahead + 2.0:
+                self._late_writes.pop(booking.account, None)  # long past: forget it
+            return False
+        # The booking is the k-th slot after the late call's; the late call and the
+        # calls - 1 before it already fill the window.
+        k = round((booking.slot - late_slot) / self.interval(rate))
+        return k >= self.window_calls(rate)
 
     def book_slot(self, account: str, rate: float, max_wait: float) -> Reservation:
         """Book ``account``'s next slot within ``max_wait`` and return it, without sleeping.
@@ -524,7 +551,13 @@ class Granted:
         self._limiter.sleep_until(self.booking)
 
     def late(self) -> bool:
-        if self._limiter.lateness(self.booking) <= self._limiter.late_limit(self._rate):
+        """True (and counted as a late slot) when the caller must not send now: it is past
+        ``late_limit`` after the slot, or the slot is behind a late write
+        (``RateLimiter.behind_late_write``)."""
+        limiter = self._limiter
+        if limiter.lateness(self.booking) <= limiter.late_limit(
+            self._rate
+        ) and not limiter.behind_late_write(self.booking, self._rate):
             return False
         metrics.record_late_slot(self.booking.account)
         return True

@@ -13,7 +13,7 @@ import redis
 import structlog
 
 from worker import metrics
-from worker.errors import ApiError, NotFound, SlotTooFar
+from worker.errors import ApiError, NotFound, SlotMissed, SlotTooFar
 from worker.runtime import Runtime
 from worker.schedule import retry_delay
 from worker.steps.outcomes import (
@@ -128,6 +128,11 @@ def answer_poll(rt: Runtime, poll: Poll) -> Outcome:
             "far_slot",
             reschedule_write(rt, rec, State.PENDING, "track", exc.retry_in, hold=exc.hold),
         )
+    except SlotMissed:
+        # Ready to send too late for the slot, or the slot behind a late write of this process
+        # (RateLimiter.behind_late_write): nothing was sent. A slow host is not the API
+        # failing: a fresh slot at once, no error counted (as the create step does).
+        return Outcome("slot_missed", reschedule_write(rt, rec, State.PENDING, "track", 0.0))
     except NotFound as exc:
         return _ending(rt, rec, State.FAILED, describe(exc))
     except ApiError as exc:
