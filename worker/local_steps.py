@@ -37,19 +37,22 @@ shards, or a shard busier than its leader can serve, still spreads its work.
 
 from __future__ import annotations
 
+import contextvars
 import heapq
 import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import redis
 import structlog
 
 from worker import metrics
 from worker.errors import PaypollError
+from worker.poll_start import PollStart
 from worker.runtime import Runtime
 from worker.steps import run_track
 from worker.steps.outcomes import REDIS_RETRY_FOR
@@ -57,6 +60,7 @@ from worker.steps.track import Outcome, Poll, answer_poll, begin_poll, slot_for
 from worker.store import Transition
 
 log = structlog.get_logger("paypoll.local_steps")
+T = TypeVar("T")
 
 #: (step, account, reference_id), as the sweeper claims them
 Step = tuple[str, str, str]
@@ -95,7 +99,10 @@ class _Work:
     queued_at: float  # time.perf_counter() when it last joined a queue
     poll: Poll | None = None  # once started
     outcome: Outcome | None = None  # once answered
-    context: dict[str, object] = field(default_factory=dict)  # the log context it bound
+    # Its own context: the log context its stages bind lives here, so no stage clears and
+    # binds it again on whichever thread runs it (one stage at a time enters it).
+    context: contextvars.Context = field(default_factory=contextvars.Context)
+    bound: bool = False  # whether its first stage has bound the log context yet
 
 
 class LocalSteps:
@@ -244,27 +251,30 @@ class LocalSteps:
                 self._run_whole(work, counted=True)
             return
         for work, started in zip(known, starts, strict=True):
-            self._bind(work)
-            try:
-                if isinstance(started, Exception):
-                    raise started
-                poll = begin_poll(
-                    rt,
-                    work.account,
-                    work.reference_id,
-                    started.record,
-                    slot_for(started.record, started.slot),
-                )
-            except Exception as exc:
-                self._failed(work, exc)
-                continue
-            if isinstance(poll, str):
-                self._ended(work, poll)
-                continue
-            work.poll = poll
-            work.context = structlog.contextvars.get_contextvars()
-            self._set_timer(work, poll)
-        structlog.contextvars.clear_contextvars()
+            poll = self._in_context(work, self._begin, work, started)
+            if poll is not None:
+                self._set_timer(work, poll)
+
+    def _begin(self, work: _Work, started: PollStart | Exception) -> Poll | None:
+        """The poll ``started`` began for ``work``, or None when it ended there (logged)."""
+        try:
+            if isinstance(started, Exception):
+                raise started
+            poll = begin_poll(
+                self.rt,
+                work.account,
+                work.reference_id,
+                started.record,
+                slot_for(started.record, started.slot),
+            )
+        except Exception as exc:
+            self._failed(work, exc)
+            return None
+        if isinstance(poll, str):
+            self._ended(work, poll)
+            return None
+        work.poll = poll
+        return poll
 
     def _set_timer(self, work: _Work, poll: Poll) -> None:
         after = 0.0 if poll.hold is None else self.rt.limiter.until(poll.hold) - SLOT_LEAD
@@ -293,19 +303,22 @@ class LocalSteps:
 
     def _send(self, work: _Work) -> None:
         """The GET of a poll at its slot; its outcome goes to the writer."""
-        assert work.poll is not None
-        self._bind(work)
-        try:
-            work.outcome = answer_poll(self.rt, work.poll)
-        except Exception as exc:
-            self._failed(work, exc)
+        if not self._in_context(work, self._answer, work):
             return
-        finally:
-            structlog.contextvars.clear_contextvars()
         with self._lock:
             self._answered.append(work)
             if len(self._answered) == 1 or len(self._answered) >= WRITE_BATCH:
                 self._writer_cv.notify()
+
+    def _answer(self, work: _Work) -> bool:
+        """``work``'s GET and the outcome it leaves; False when it failed (logged)."""
+        assert work.poll is not None
+        try:
+            work.outcome = answer_poll(self.rt, work.poll)
+        except Exception as exc:
+            self._failed(work, exc)
+            return False
+        return True
 
     def _write_loop(self) -> None:
         """Write the answered outcomes, a batch every ``write_every`` seconds."""
@@ -344,17 +357,19 @@ class LocalSteps:
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
         for work, answer in zip(batch, answers, strict=True):
-            assert work.outcome is not None
-            self._bind(work)
-            try:
-                if isinstance(answer, Exception):
-                    raise answer
-                self._after(work.outcome, answer)
-            except Exception as exc:
-                self._failed(work, exc)
-            else:
-                self._ended(work, work.outcome.label)
-        structlog.contextvars.clear_contextvars()
+            self._in_context(work, self._written, work, answer)
+
+    def _written(self, work: _Work, answer: Transition | Exception) -> None:
+        """What follows ``work``'s outcome once written (metrics, logs, learning)."""
+        assert work.outcome is not None
+        try:
+            if isinstance(answer, Exception):
+                raise answer
+            self._after(work.outcome, answer)
+        except Exception as exc:
+            self._failed(work, exc)
+        else:
+            self._ended(work, work.outcome.label)
 
     @staticmethod
     def _after(outcome: Outcome, moved: Transition) -> None:
@@ -380,17 +395,18 @@ class LocalSteps:
         finally:
             structlog.contextvars.clear_contextvars()
 
-    def _bind(self, work: _Work) -> None:
-        structlog.contextvars.clear_contextvars()
-        if work.context:
-            structlog.contextvars.bind_contextvars(**work.context)
-        else:
-            structlog.contextvars.bind_contextvars(
+    def _in_context(self, work: _Work, stage: Callable[..., T], *args: Any) -> T:
+        """Run ``stage(*args)`` in ``work``'s context, its log context bound at the first."""
+        if not work.bound:
+            work.bound = True
+            work.context.run(
+                structlog.contextvars.bind_contextvars,
                 actor=self._actor_names[work.step],
                 local=True,
                 account=work.account,
                 reference_id=work.reference_id,
             )
+        return work.context.run(stage, *args)
 
     def _failed(self, work: _Work, exc: BaseException) -> None:
         """A step that raised is logged and left in flight: the sweeper dispatches it again
