@@ -22,7 +22,7 @@ from worker.local_steps import LocalSteps
 from worker.runtime import Runtime
 from worker.settings import Account, Secret, Settings
 from worker.store import PaymentSpec, State, TransitionWrite
-from worker.sweeper import Sweeper
+from worker.sweeper import Sweeper, SweeperThread
 
 CLIENT, SECRET = "acme", "acme-secret"
 ACTORS = {"create": "paypoll_create", "track": "paypoll_track"}
@@ -274,4 +274,11 @@ def test_a_sweeper_pass_runs_its_tracks_here_and_sends_its_creates_on(
     owners = rt.redis.hgetall(rt.keys.owners(CLIENT))
     assert {f"track:{ref}".encode() for ref in refs} <= set(owners)
     assert b"create:new-order" not in owners
+    # The sweeper thread's report (once per interval) puts the stages on their gauge.
+    SweeperThread(sweeper, redis_client=rt.redis, identity="sweeping").report_local_steps()
+    waiting = {
+        stage: REGISTRY.get_sample_value("paypoll_local_steps_waiting", {"stage": stage})
+        for stage in ("to_start", "at_timer", "due", "to_write")
+    }
+    assert waiting == {"to_start": 3.0, "at_timer": 0.0, "due": 0.0, "to_write": 0.0}
     local.stop()

@@ -14,7 +14,7 @@ variable itself (prometheus-client reads ``PROMETHEUS_MULTIPROC_DIR`` when first
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -415,6 +415,24 @@ LOCAL_STEPS = Counter(
 )
 
 
+LOCAL_STEPS_WAITING = Gauge(
+    "paypoll_local_steps_waiting",
+    "Steps inside worker processes' local steps (worker/local_steps.py), by stage: to_start "
+    "(claimed, not started), at_timer (started, waiting for their slot), due (at their slot, "
+    "waiting for a thread), to_write (answered, outcome not written yet); summed over live "
+    "processes",
+    ["stage"],
+    multiprocess_mode="livesum",
+)
+LOCAL_STEPS_STAGES = ("to_start", "at_timer", "due", "to_write")
+
+
+def record_local_waiting(waiting: Mapping[str, int]) -> None:
+    """This process's local steps hold ``waiting[stage]`` steps at each stage now."""
+    for stage in LOCAL_STEPS_STAGES:
+        LOCAL_STEPS_WAITING.labels(stage).set(waiting.get(stage, 0))
+
+
 def record_local_steps(*, local: int, spilled: int) -> None:
     """A pass ran ``local`` of its claimed tracks in its process and spilled ``spilled``."""
     if local:
@@ -431,6 +449,8 @@ def prime_sweeper(shards: int) -> None:
         SWEEPER_PASS_ACCOUNTS.labels(str(shard))
     for route in ("local", "spilled"):
         LOCAL_STEPS.labels(route)
+    for stage in LOCAL_STEPS_STAGES:
+        LOCAL_STEPS_WAITING.labels(stage).set(0)
 
 
 def record_shard_leader(shard: int, *, leading: bool) -> None:

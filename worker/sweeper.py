@@ -305,6 +305,7 @@ class SweeperThread(threading.Thread):
                 if started - last_check >= self.interval * 0.99:
                     last_check = started
                     self.check_leases()
+                    self.report_local_steps()
                     shards = sorted(self.led)
                 else:
                     # Woken between two passes: only the shards of the woken accounts.
@@ -326,6 +327,13 @@ class SweeperThread(threading.Thread):
             self.redis.zrem(self.keys.heartbeat(), self.identity)
         except redis.RedisError:
             pass
+
+    def report_local_steps(self) -> None:
+        """The local steps' stages on their gauge, once per interval, leading or not (a
+        process that lost its shards drains what it held)."""
+        local = self.sweeper.local
+        if local is not None:
+            metrics.record_local_waiting(local.waiting())
 
     def check_leases(self) -> None:
         """Read the live processes and every shard's holder (two round trips: redis-py runs no
