@@ -1,13 +1,14 @@
 """The API calls' hot path: HTTP/1.1 exchanges on pooled keep-alive connections of our own.
 
-A GET through requests costs about 0.46 ms of client CPU here, through urllib3's pool 0.25 ms,
-on a bare ``http.client`` connection 0.06 ms, written as one ``sendall`` and read with ``recv``
-(worker/api/http1.py) 0.03 ms (benchmarks/http_exchange.py, docs/benchmarks.md, issue 14): requests' session and adapter
-layers, urllib3's Retry/Timeout objects and response wrapper, http.client's header-by-header
-request and ``email``-parsed answers are most of a poll's HTTP cost, and paypoll uses none of
-what they add (no redirects, no cookies, no retries, no content decoding). So a call that
-reaches the API directly goes out here; a call through a proxy, or on a Session a caller
-handed to the client, still goes through requests (worker/api/transport.py).
+A GET through requests costs about 0.52 ms of client CPU here, on a bare ``http.client``
+connection 0.09 ms, written as one ``sendall`` and read with ``recv`` (worker/api/http1.py)
+0.05 ms (benchmarks/http_exchange.py, docs/benchmarks.md, issue 14): requests' session and
+adapter layers, urllib3's Retry/Timeout objects and response wrapper, http.client's
+header-by-header request and ``email``-parsed answers are most of a poll's HTTP cost, and
+paypoll uses none of what they add (no redirects, no cookies, no retries, no content
+decoding). So a call that reaches the API directly goes out here; a call through a proxy, or
+on a Session a caller handed to the client, still goes through requests
+(worker/api/transport.py).
 
 What the exchange keeps from the requests path, because the invariants rest on it:
 

@@ -1,10 +1,11 @@
 """HTTP/1.1 on one socket: a request's bytes, and an answer read with its framing (RFC 9112).
 
 The direct path's connections (worker/api/direct.py) used ``http.client``: about 110 us of
-client CPU per GET here through the direct path as it was, 62 us on a bare ``http.client``
-connection, 28 us on this module (benchmarks/http_exchange.py, docs/benchmarks.md, issue 14). ``http.client`` builds
-the request header by header, wraps every answer in a file object and parses its headers with
-the ``email`` package; an API answer of a few hundred bytes needs none of that. What is kept
+client CPU per GET here through the direct path as it was, about 90 us on a bare
+``http.client`` connection, about 50 us on this module (benchmarks/http_exchange.py,
+docs/benchmarks.md, issue 14). ``http.client`` builds the request header by header, wraps
+every answer in a file object and parses its headers with the ``email`` package; an API
+answer of a few hundred bytes needs none of that. What is kept
 from it: the request line and header values are refused if they hold control characters (no
 header injection through a value an API answered, such as a token), a ``Host`` header, and the
 answer framing rules: ``Transfer-Encoding: chunked``, ``Content-Length``, or the body runs to
