@@ -165,7 +165,8 @@ class AnswerReader:
                 continue
             name, colon, value = line.partition(":")
             if not colon or not name or name != name.strip():
-                raise HTTPException(f"malformed header line in the answer: {name[:40]!r}")
+                # Not quoted: a header line may carry a credential (Set-Cookie, a token).
+                raise HTTPException("malformed header line in the answer")
             headers.append((name, value.strip()))
         return int(code), version, headers
 
