@@ -352,7 +352,7 @@ class LocalSteps:
                     # Not written: the steps stay in flight and are polled again once their
                     # lease runs out (a GET changes nothing).
                     for work in batch:
-                        self._failed(work, exc)
+                        self._in_context(work, self._failed, work, exc)
                     return
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -381,19 +381,17 @@ class LocalSteps:
     def _run_whole(self, work: _Work, *, counted: bool = False) -> None:
         """Run a track start to end on this thread, as the broker's actor would (the GET
         books and waits for its own slot here)."""
-        actor = self._actor_names[work.step]
         if not counted:
-            metrics.job_started(actor)
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(actor=actor, local=True)
+            metrics.job_started(self._actor_names[work.step])
+        self._in_context(work, self._track_here, work)
+
+    def _track_here(self, work: _Work) -> None:
         try:
             outcome = run_track(self.rt, work.account, work.reference_id)
         except Exception as exc:
             self._failed(work, exc)
         else:
             self._ended(work, outcome)
-        finally:
-            structlog.contextvars.clear_contextvars()
 
     def _in_context(self, work: _Work, stage: Callable[..., T], *args: Any) -> T:
         """Run ``stage(*args)`` in ``work``'s context, its log context bound at the first."""

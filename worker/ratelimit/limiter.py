@@ -368,11 +368,13 @@ class RateLimiter:
         if booking.slot <= late_slot:
             return False
         if booking.slot >= sent + 1.0 + self.margin - 1e-6:  # (1 us: the script rounds up)
-            if booking.slot - late_slot > 2 * self.max_ahead + 2.0:
-                self._late_writes.pop(booking.account, None)  # long past: forget it
+            # Past the window, and checked at its slot: any slot inside the window is past
+            # too (sent, or too late to send). Forget the write, unless a newer one replaced it.
+            if self._late_writes.get(booking.account) is late:
+                self._late_writes.pop(booking.account, None)
             return False
         # The booking is the k-th slot after the late call's; the late call and the
-        # calls - 1 before it already fill the window.
+        # calls - 1 slots after it already fill the window.
         k = round((booking.slot - late_slot) / self.interval(rate))
         return k >= self.window_calls(rate)
 
