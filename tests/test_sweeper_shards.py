@@ -286,6 +286,16 @@ def test_a_wake_runs_only_the_pass_of_the_woken_accounts_shard_on_its_leader(
         held = _holders(redis_client, keys, shards)
         account = ACCOUNTS[0]
         shard = shard_of(keys, account, shards)
+        leader = next(t for t in threads if t.identity == held[shard])
+        passes.clear()
+        # Submit right after the leader's scheduled pass over the shard has ended: its next one
+        # is 3 s away, so a create sent within 1.5 s was woken. (A submit that met a scheduled
+        # pass was found by it: the test failed so once in CI.)
+        wait_until(
+            lambda: (held[shard], shard, True) in passes and not leader.checked,
+            timeout=10,
+            what="the leader's scheduled pass to end",
+        )
         passes.clear()
         submitted = time.monotonic()
         producer.submit_payment(
